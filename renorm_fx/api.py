@@ -1,0 +1,138 @@
+"""``renormify`` and ``bounds``: the one-call model transform."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Optional
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .graph_module import RenormGraphModule
+from .schedule import RenormSchedule
+
+__all__ = ["renormify", "bounds", "RenormTraceError"]
+
+SCHEDULE_NAME = "renorm_schedule"
+
+
+class RenormTraceError(RuntimeError):
+    """torch.fx could not trace the model."""
+
+
+class _Tracer(fx.Tracer):
+    """Keeps batch-norms (subclasses too) and already-renormified parts as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (_BatchNorm, RenormGraphModule)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module, training: bool) -> fx.Graph:
+    model.train(training)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
+        raise RenormTraceError(
+            f"renormify: torch.fx could not trace {type(model).__name__} in "
+            f"{'training' if training else 'eval'} mode: {type(exc).__name__}: {exc}\n"
+            f"Symbolic tracing cannot follow data-dependent control flow or non-torch calls. "
+            f"Use the torch.compile path instead, which captures graphs with Dynamo and "
+            f"handles these: torch.compile(model, backend='renorm')."
+        ) from exc
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # postponed annotations: unpicklable as code globals
+            node.type = None
+    return graph
+
+
+def renormify(
+    model: nn.Module,
+    schedule: Optional[RenormSchedule] = None,
+    momentum: Optional[float] = None,
+    inplace: bool = False,
+    *,
+    strict: bool = False,
+    running_stats: str = "sigma",
+) -> nn.Module:
+    """Turn every training-mode batch-norm of ``model`` into batch renorm.
+
+    Args:
+        model: any module torch.fx can trace; ``nn.BatchNorm1d/2d/3d`` (subclasses
+            too) and ``F.batch_norm`` / ``torch.batch_norm`` calls are converted.
+        schedule: the clip bounds; default :meth:`RenormSchedule.paper`.
+        momentum: the moving-average rate ``alpha`` for every layer; default each
+            layer's own ``momentum``.
+        inplace: reuse ``model``'s parameters and buffers instead of copies.
+        strict: raise, instead of warning, on batch-norms that cannot be converted
+            (no running statistics: ``track_running_stats=False``).
+        running_stats: ``"sigma"`` (the paper: average sigma, stored as
+            ``running_var = sigma**2 - eps``) or ``"variance"`` (batchnorm's: average
+            the unbiased batch variance, so ``constant(1, 0)`` matches batchnorm's
+            buffers too).
+
+    Returns:
+        A :class:`RenormGraphModule` with the same ``state_dict`` keys as ``model``
+        (plus a step buffer per functional batch-norm whose statistics have none),
+        or ``model`` itself when it has nothing to convert.
+    """
+    if isinstance(model, RenormGraphModule):
+        warnings.warn("renormify: the model is already renormified; returning it unchanged.", stacklevel=2)
+        return model
+    schedule = RenormSchedule.paper() if schedule is None else schedule
+    if not isinstance(schedule, RenormSchedule):
+        raise TypeError(f"renormify: schedule must be a RenormSchedule, got {type(schedule).__name__}")
+    if momentum is not None and not 0.0 < momentum <= 1.0:
+        raise ValueError(f"renormify: momentum must be in (0, 1], got {momentum}")
+
+    was_training = model.training
+    root = model if inplace else copy.deepcopy(model)
+    try:
+        eval_graph = _trace(root, training=False)
+        train_graph = _trace(root, training=True)
+        # batch-norms a model keeps in eval mode while it trains (frozen) stay batchnorm
+        frozen = tuple(n for n, m in root.named_modules() if isinstance(m, _BatchNorm) and not m.training)
+    finally:
+        model.train(was_training)
+        root.train(was_training)
+
+    schedule_name = SCHEDULE_NAME
+    while hasattr(root, schedule_name):
+        schedule_name = "_" + schedule_name
+    root.add_module(schedule_name, schedule)
+    result = RenormGraphModule(root, train_graph, eval_graph, schedule_name, momentum, running_stats, frozen)
+    result.train(was_training)
+    if result.renorm_skipped:
+        message = (
+            f"renormify: {len(result.renorm_skipped)} batch-norm(s) without running statistics "
+            f"(track_running_stats=False) have nothing to renormalize against and stay batchnorm: "
+            f"{', '.join(result.renorm_skipped)}."
+        )
+        if strict:
+            raise ValueError(message + " Give them running statistics (track_running_stats=True).")
+        warnings.warn(message, stacklevel=2)
+    if not result.renorm_sites:
+        if not result.renorm_skipped:
+            warnings.warn(f"renormify: {type(model).__name__} has no batch-norm to convert; returned unchanged.",
+                          stacklevel=2)
+        root._modules.pop(schedule_name)
+        return model
+    return result
+
+
+def bounds(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """The ``(r_max, d_max)`` the next training step of each renorm layer will use.
+
+    Keys are the layers' qualified names in ``model`` (renormified parts may be nested).
+    """
+    out: dict[str, tuple[float, float]] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, RenormGraphModule):
+            for site in module.renorm_sites.values():
+                step = int(module.get_buffer(site.step))
+                schedule: RenormSchedule = module.get_submodule(site.schedule)  # type: ignore[assignment]
+                out[f"{prefix}.{site.name}" if prefix else site.name] = schedule.at(step)
+    return out

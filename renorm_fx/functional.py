@@ -1,0 +1,160 @@
+"""The batch renorm math: the one definition every path uses.
+
+``batch_renorm_train`` is written in plain torch ops. The FX pass records it into
+the model's graph by calling it on ``torch.fx.Proxy`` arguments, so eager
+execution, torch.compile (Dynamo traces the recorded code) and the Inductor
+lowering all run exactly these ops.
+
+Training step, per channel (S. Ioffe, 2017; see PAPER.md)::
+
+    mu_B, sigma_B = batch mean, sqrt(biased batch variance + eps)
+    r = clip(sigma_B / sigma, 1/r_max, r_max)        # constants: no gradient
+    d = clip((mu_B - mu) / sigma, -d_max, d_max)
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+      = batch_norm(x, weight=gamma * r, bias=beta + gamma * d)
+    mu    <- mu    + alpha * (mu_B    - mu)
+    sigma <- sigma + alpha * (sigma_B - sigma)        # stored as running_var = sigma^2 - eps
+
+Because r and d are constants, renorm *is* batchnorm with a per-step affine
+(gamma * r, beta + gamma * d): the forward and backward are batchnorm's own
+kernels, and with r = 1, d = 0 every output and gradient equals batchnorm's bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.fx import Proxy
+
+__all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: How running statistics are averaged. "sigma" is the paper's (average sigma, store
+#: running_var = sigma^2 - eps); "variance" is batchnorm's (average the unbiased variance).
+RUNNING_STATS = ("sigma", "variance")
+
+
+def graph_leaf(fn: _F) -> _F:
+    """Record ``fn`` as one ``call_function`` node when called on FX proxies."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        proxy = next((a for a in args if isinstance(a, Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", wrapper, args, {})
+        return fn(*args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _named(value: Any, name: str) -> Any:
+    """Give a traced value a readable node name (a no-op on tensors)."""
+    if isinstance(value, Proxy):
+        value.node._rename(name)
+    return value
+
+
+@graph_leaf
+def batch_moments(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel biased ``(mean, var)`` of ``x`` in float32 (or float64), without gradient.
+
+    Also checks the input the way batchnorm does, naming ``layer`` in the error.
+    """
+    if ranks and x.dim() not in ranks:
+        want = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(f"renorm layer {layer!r}: expected {want} input (got {x.dim()}D input)")
+    if not x.is_floating_point():
+        raise TypeError(f"renorm layer {layer!r}: expected a floating-point input, got {x.dtype}")
+    if x.dim() < 2 or x.shape[1] != running_mean.numel():
+        raise ValueError(
+            f"renorm layer {layer!r}: input of shape {tuple(x.shape)} has "
+            f"{x.shape[1] if x.dim() > 1 else 'no'} channels (dim 1), but the layer's running "
+            f"statistics have {running_mean.numel()}; pass (N, C, ...) input with C = {running_mean.numel()}."
+        )
+    if x.numel() // x.shape[1] <= 1:
+        raise ValueError(
+            f"renorm layer {layer!r}: Expected more than 1 value per channel when training, "
+            f"got input size {tuple(x.shape)}"
+        )
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # statistics in float32 for half / bfloat16, as batchnorm does
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dims, correction=0)
+    return mean, var
+
+
+def renorm_factors(
+    batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor,
+    r_max: Tensor, d_max: Tensor, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(r, d, sigma_B, sigma)``: the clipped correction and the two deviations."""
+    sigma_b = _named(torch.sqrt(batch_var + eps), "sigma_b")
+    sigma = _named(torch.sqrt(running_var + eps), "sigma")
+    r = _named(torch.clamp(sigma_b / sigma, r_max.reciprocal(), r_max).detach(), "r")
+    d = _named(torch.clamp((batch_mean - running_mean) / sigma, -d_max, d_max).detach(), "d")
+    return r, d, sigma_b, sigma
+
+
+def update_running_stats_(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+    batch_mean: Tensor, batch_var: Tensor, sigma_b: Tensor, sigma: Tensor,
+    momentum: float, eps: float, running_stats: str, count: Optional[int] = None,
+) -> None:
+    """Move the running statistics toward the batch's, in place (after the forward)."""
+    keep = 1.0 - momentum
+    running_mean.copy_(running_mean * keep + batch_mean * momentum)
+    if running_stats == "sigma":
+        new_sigma = sigma * keep + sigma_b * momentum
+        running_var.copy_(torch.clamp_min(new_sigma * new_sigma - eps, 0.0))
+    else:  # batchnorm's own: the unbiased variance, averaged
+        unbiased = batch_var * (count / (count - 1)) if count is not None else batch_var
+        running_var.copy_(running_var * keep + unbiased * momentum)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+
+
+@graph_leaf
+def values_per_channel(x: Tensor) -> int:
+    """``m``: how many values each channel's statistics are taken over."""
+    return x.numel() // x.shape[1]
+
+
+def batch_renorm_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    r_max: Tensor,
+    d_max: Tensor,
+    momentum: float,
+    eps: float,
+    layer: str = "batch_renorm",
+    ranks: Sequence[int] = (),
+    running_stats: str = "sigma",
+) -> Tensor:
+    """One training step of batch renorm; updates the running statistics in place.
+
+    ``r_max`` and ``d_max`` are 0-d tensors (from a :class:`RenormSchedule`).
+    """
+    moments = batch_moments(x, running_mean, layer, tuple(ranks))
+    batch_mean, batch_var = _named(moments[0], "batch_mean"), _named(moments[1], "batch_var")
+    r, d, sigma_b, sigma = renorm_factors(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
+    scale, shift = (r, d) if weight is None else (_named(weight * r, "scale"), weight * d)
+    if bias is not None:
+        shift = _named(shift + bias, "shift")
+    # Reduced-precision inputs get float32 scale / shift, which batch_norm accepts (as for autocast).
+    y = F.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
+    count = values_per_channel(x) if running_stats == "variance" else None
+    update_running_stats_(
+        running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma,
+        momentum, eps, running_stats, count,
+    )
+    return y

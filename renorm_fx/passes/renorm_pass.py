@@ -1,0 +1,189 @@
+"""FX pass: rewrite training-mode batch-norms into batch renorm.
+
+Matches, in a graph traced in training mode:
+
+* ``call_module`` nodes whose module is an ``nn.BatchNorm1d/2d/3d`` (or any
+  ``_BatchNorm`` subclass) with running statistics;
+* ``call_function`` nodes calling ``F.batch_norm`` / ``torch.batch_norm`` with
+  ``training=True`` and running statistics.
+
+Each match is replaced, in place, by the ops of
+:func:`renorm_fx.functional.batch_renorm_train`: batch moments, ``r`` and ``d``
+(detached, clipped by bounds a :class:`~renorm_fx.schedule.RenormSchedule`
+computes from the layer's step tensor), batchnorm with the corrected affine, and
+the running-statistics update. Batch-norms without running statistics have
+nothing to renormalize against and are skipped (reported to the caller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from typing import Any, Collection, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..functional import RUNNING_STATS, batch_renorm_train
+
+__all__ = ["RenormSite", "rewrite_batch_norms", "BATCH_NORM_FUNCTIONS", "STEP_SUFFIX"]
+
+_F_SIG = inspect.signature(F.batch_norm)
+_TORCH_SIG = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
+     ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")]
+)
+#: Name suffix of the step buffers added for functional batch-norms (on the root module).
+STEP_SUFFIX = "_renorm_step"
+BATCH_NORM_FUNCTIONS = {F.batch_norm: _F_SIG, torch.batch_norm: _TORCH_SIG}
+
+
+@dataclasses.dataclass
+class RenormSite:
+    """One converted batch-norm: where its state lives and how it is updated."""
+
+    name: str  # qualified name of the layer (module) or of its running statistics' owner
+    step: str  # qualified name of the step buffer (num_batches_tracked)
+    schedule: str  # qualified name of the RenormSchedule module
+    momentum: float
+    eps: float
+    running_stats: str = "sigma"
+
+
+def _ranks(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, nn.BatchNorm1d):
+        return (2, 3)
+    if isinstance(module, nn.BatchNorm2d):
+        return (4,)
+    if isinstance(module, nn.BatchNorm3d):
+        return (5,)
+    return ()
+
+
+def _owner(node: Any) -> Optional[str]:
+    """The module path owning a ``get_attr`` running-statistics node, if any."""
+    if isinstance(node, fx.Node) and node.op == "get_attr" and "." in node.target:
+        return node.target.rsplit(".", 1)[0]
+    return None
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    try:
+        root.get_buffer(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def rewrite_batch_norms(
+    root: nn.Module,
+    graph: fx.Graph,
+    schedule: str,
+    momentum: Optional[float] = None,
+    running_stats: str = "sigma",
+    frozen: Collection[str] = (),
+) -> tuple[list[RenormSite], list[str]]:
+    """Rewrite the batch-norms of ``graph`` (owned by ``root``) in place.
+
+    ``schedule`` is the qualified name of a :class:`RenormSchedule` submodule of
+    ``root``. Functional batch-norms whose running statistics belong to no module
+    with a ``num_batches_tracked`` get a step buffer registered on ``root``.
+    Batch-norm modules named in ``frozen`` (in eval mode while the model trains)
+    are left as they are. Returns the converted sites and the names of the
+    skipped ones.
+    """
+    if running_stats not in RUNNING_STATS:
+        raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
+    tracer = GraphAppendingTracer(graph)
+    sites: list[RenormSite] = []
+    skipped: list[str] = []
+
+    def proxy(arg: Any) -> Any:
+        return Proxy(arg, tracer) if isinstance(arg, fx.Node) else arg
+
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = root.get_submodule(node.target)
+            if not isinstance(module, _BatchNorm) or node.target in frozen:
+                continue
+            name = node.target
+            if module.running_mean is None or module.running_var is None:
+                skipped.append(name)
+                continue
+            if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+                raise ValueError(f"renormify: layer {name!r} is a lazy batchnorm; run one forward first.")
+            alpha = module.momentum if momentum is None else momentum
+            with graph.inserting_before(node):
+                get = lambda attr: graph.get_attr(f"{name}.{attr}")  # noqa: E731
+                x = node.args[0]
+                weight = get("weight") if module.weight is not None else None
+                bias = get("bias") if module.bias is not None else None
+                mean, var = get("running_mean"), get("running_var")
+                step = get("num_batches_tracked")
+            ranks, eps, step_target = _ranks(module), module.eps, f"{name}.num_batches_tracked"
+        elif node.op == "call_function" and node.target in BATCH_NORM_FUNCTIONS:
+            bound = BATCH_NORM_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["training"] is not True:
+                if isinstance(a["training"], fx.Node):
+                    raise ValueError(
+                        f"renormify: {node.format_node()} has a traced `training` flag; pass a Python bool."
+                    )
+                continue
+            mean, var, x, weight, bias = a["running_mean"], a["running_var"], a["input"], a["weight"], a["bias"]
+            name = _owner(mean) or node.name
+            if mean is None or var is None:
+                skipped.append(name)
+                continue
+            alpha, eps, ranks = a["momentum"] if momentum is None else momentum, a["eps"], ()
+            step_target = f"{name}.num_batches_tracked"
+            if _owner(mean) is None or not _has_attr(root, step_target):
+                step_target = name.replace(".", "_") + STEP_SUFFIX
+                if not _has_attr(root, step_target):  # a copy of a converted model has it
+                    root.register_buffer(step_target, torch.zeros((), dtype=torch.long))
+            with graph.inserting_before(node):
+                step = graph.get_attr(step_target)
+        else:
+            continue
+
+        if alpha is None:
+            raise ValueError(
+                f"renormify: layer {name!r} has momentum=None (a cumulative average), which would let "
+                f"its running statistics go stale for r and d. Pass renormify(model, momentum=0.01) "
+                f"or set the layer's momentum."
+            )
+        if not isinstance(alpha, (int, float)) or not isinstance(eps, (int, float)):
+            raise ValueError(f"renormify: layer {name!r} needs constant momentum and eps, got {alpha!r}, {eps!r}")
+        first_new = node.prev
+        with graph.inserting_before(node):
+            bounds = proxy(graph.call_module(schedule, (step,)))
+            r_max, d_max = bounds[0], bounds[1]
+            r_max.node._rename("r_max")
+            d_max.node._rename("d_max")
+            y = batch_renorm_train(
+                proxy(x), proxy(weight), proxy(bias), proxy(mean), proxy(var), proxy(step),
+                r_max, d_max, float(alpha), float(eps), name, ranks, running_stats,
+            )
+        node.replace_all_uses_with(y.node)
+        last_new = node.prev
+        graph.erase_node(node)
+        _prefix_names(first_new, last_new, name.replace(".", "_"))
+        sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats))
+    graph.lint()
+    return sites, skipped
+
+
+def _prefix_names(after: fx.Node, last: fx.Node, prefix: str) -> None:
+    """Name the nodes a rewrite inserted (after ``after`` up to ``last``) ``{prefix}_*``."""
+    node = after.next
+    while True:
+        if node.op != "get_attr" and not node.name.startswith(prefix):
+            node._rename(f"{prefix}_{re.sub(r'_[0-9]+$', '', node.name)}")
+        if node is last:
+            break
+        node = node.next

@@ -1,0 +1,184 @@
+"""The clip schedule: r_max and d_max as sympy expressions of the training step.
+
+A schedule is an ``nn.Module`` with no state: calling it on a step *tensor*
+returns ``(r_max, d_max)`` as 0-d tensors, so the bounds enter a graph as
+values computed at run time from the step, never as Python constants. A
+schedule that changes every step therefore never recompiles a compiled graph.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from functools import reduce
+from typing import Callable, Union
+
+import sympy
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RenormSchedule", "step"]
+
+#: The one free symbol a schedule expression may use.
+step = sympy.Symbol("step", integer=True, nonnegative=True)
+
+_Expr = Union[sympy.Expr, float, int, str]
+_Fn = Callable[[Tensor], Union[Tensor, float]]
+
+# Steps at which a symbolic schedule is checked for valid bounds at construction.
+_CHECK_STEPS = (0, 1, 10, 100, 1_000, 5_000, 10_000, 25_000, 40_000, 100_000, 10**6, 10**7)
+
+
+def _sympify(name: str, value: _Expr) -> sympy.Expr:
+    expr = sympy.sympify(value)
+    # Accept any symbol *named* "step" (users build them with sympy.Symbol("step")).
+    for sym in expr.free_symbols:
+        if sym.name != "step":
+            raise ValueError(
+                f"RenormSchedule: {name} = {expr} uses the symbol {sym.name!r}; a schedule may "
+                f"only depend on 'step' (renorm_fx.schedule.step)."
+            )
+        expr = expr.subs(sym, step)
+    return expr
+
+
+def _compile(expr: sympy.Expr) -> _Fn:
+    """Turn a sympy expression of ``step`` into a function of a float64 step tensor.
+
+    Built once, so that the function Dynamo traces is plain tensor arithmetic.
+    """
+    if expr == step:
+        return lambda s: s
+    if expr.is_Number or expr in (sympy.oo, -sympy.oo):
+        value = float(expr)
+        return lambda s: value
+    if isinstance(expr, sympy.Piecewise):
+        pieces = [(_compile(e), _compile(c) if c is not sympy.true else None) for e, c in expr.args]
+
+        def piecewise(s: Tensor) -> Tensor:
+            out = torch.full_like(s, math.nan)
+            for value, cond in reversed(pieces):
+                v = torch.as_tensor(value(s), dtype=s.dtype, device=s.device)
+                out = v if cond is None else torch.where(cond(s), v, out)
+            return out
+
+        return piecewise
+    args = [_compile(a) for a in expr.args]
+    if isinstance(expr, sympy.Add):
+        return lambda s: reduce(operator.add, [f(s) for f in args])
+    if isinstance(expr, sympy.Mul):
+        return lambda s: reduce(operator.mul, [f(s) for f in args])
+    if isinstance(expr, sympy.Pow):
+        base, exp = args
+        return lambda s: base(s) ** exp(s)
+    if isinstance(expr, (sympy.Min, sympy.Max)):
+        pick = torch.minimum if isinstance(expr, sympy.Min) else torch.maximum
+
+        def min_max(s: Tensor) -> Tensor:
+            vals = [torch.as_tensor(f(s), dtype=s.dtype, device=s.device) for f in args]
+            return reduce(pick, vals)
+
+        return min_max
+    relations = {sympy.StrictLessThan: torch.lt, sympy.LessThan: torch.le,
+                 sympy.StrictGreaterThan: torch.gt, sympy.GreaterThan: torch.ge}
+    if type(expr) in relations:
+        rel, (lhs, rhs) = relations[type(expr)], args
+        return lambda s: rel(torch.as_tensor(lhs(s), dtype=s.dtype, device=s.device), rhs(s))
+    name = type(expr).__name__.lower()
+    if len(args) == 1 and hasattr(torch, name):  # exp, log, sqrt, tanh, cos, ...
+        fn, (arg,) = getattr(torch, name), args
+        return lambda s: fn(torch.as_tensor(arg(s), dtype=s.dtype, device=s.device))
+    raise NotImplementedError(f"RenormSchedule: cannot evaluate {expr} on tensors ({type(expr).__name__})")
+
+
+class RenormSchedule(nn.Module):
+    """Clip bounds ``r_max(step)`` and ``d_max(step)`` for batch renorm.
+
+    ``step`` counts a layer's training forwards (its ``num_batches_tracked``) before
+    the current one. ``r_max >= 1`` and ``d_max >= 0`` at every step; ``oo`` (or
+    ``float('inf')``) means no clip. ``r_max = 1, d_max = 0`` is exactly batchnorm.
+
+    >>> s = RenormSchedule.paper()
+    >>> s.at(25000)
+    (2.142857142857143, 5.0)
+    """
+
+    def __init__(self, r_max: _Expr, d_max: _Expr) -> None:
+        super().__init__()
+        self.r_max = _sympify("r_max", r_max)
+        self.d_max = _sympify("d_max", d_max)
+        self._r_fn = _compile(self.r_max)
+        self._d_fn = _compile(self.d_max)
+        self._validate()
+
+    # ---- constructors -------------------------------------------------------------
+    @classmethod
+    def paper(
+        cls,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup: int = 5000,
+        r_max_at: int = 40000,
+        d_max_at: int = 25000,
+    ) -> "RenormSchedule":
+        """The paper's schedule: batchnorm (1, 0) for ``warmup`` steps, then linear ramps
+        reaching ``r_max`` at step ``r_max_at`` and ``d_max`` at step ``d_max_at``."""
+        if not warmup < r_max_at or not warmup < d_max_at:
+            raise ValueError(
+                f"RenormSchedule.paper: warmup ({warmup}) must come before r_max_at ({r_max_at}) "
+                f"and d_max_at ({d_max_at})."
+            )
+        r_ramp = 1 + (sympy.nsimplify(r_max) - 1) * (step - warmup) / (r_max_at - warmup)
+        d_ramp = sympy.nsimplify(d_max) * (step - warmup) / (d_max_at - warmup)
+        return cls(
+            sympy.Min(sympy.nsimplify(r_max), sympy.Max(1, r_ramp)),
+            sympy.Min(sympy.nsimplify(d_max), sympy.Max(0, d_ramp)),
+        )
+
+    @classmethod
+    def constant(cls, r_max: float, d_max: float) -> "RenormSchedule":
+        """Fixed bounds; ``float('inf')`` means no clip. ``constant(1, 0)`` is batchnorm."""
+        conv = lambda v: sympy.oo if v == math.inf else sympy.nsimplify(v)  # noqa: E731
+        for name, v in (("r_max", r_max), ("d_max", d_max)):
+            if not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"RenormSchedule.constant: {name} must be a number, got {v!r}")
+        return cls(conv(r_max), conv(d_max))
+
+    # ---- evaluation ---------------------------------------------------------------
+    def at(self, at_step: int) -> tuple[float, float]:
+        """``(r_max, d_max)`` at an integer step, evaluated exactly by sympy."""
+        return float(self.r_max.subs(step, at_step)), float(self.d_max.subs(step, at_step))
+
+    def forward(self, num_batches_tracked: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` as 0-d float64 tensors for a step tensor (no host sync).
+
+        0-d tensors do not promote the per-channel math they clip: float32 stays float32.
+        """
+        s = num_batches_tracked.to(torch.float64)
+        r = torch.as_tensor(self._r_fn(s), dtype=torch.float64, device=s.device)
+        d = torch.as_tensor(self._d_fn(s), dtype=torch.float64, device=s.device)
+        return r, d
+
+    def _validate(self) -> None:
+        for at_step in _CHECK_STEPS:
+            r, d = self.at(at_step)
+            if not r >= 1:  # also catches NaN
+                raise ValueError(f"RenormSchedule: r_max({at_step}) = {r}; r_max must be >= 1 at every step.")
+            if not d >= 0:
+                raise ValueError(f"RenormSchedule: d_max({at_step}) = {d}; d_max must be >= 0 at every step.")
+
+    def __str__(self) -> str:
+        return f"RenormSchedule(r_max(step) = {self.r_max}, d_max(step) = {self.d_max})"
+
+    def extra_repr(self) -> str:
+        return f"r_max={self.r_max}, d_max={self.d_max}"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_r_fn"], state["_d_fn"]  # closures: rebuilt from the expressions
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._r_fn = _compile(self.r_max)
+        self._d_fn = _compile(self.d_max)
