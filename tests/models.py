@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: renorm at (r_max, d_max) = (1, 0) vs batchnorm in float32: the same formula, moments taken
+#: by a different reduction, so results agree to float32 rounding (not bit for bit).
+BN_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, msg: str = "") -> None:
+    """``max|actual - expected| <= tol * max(1, max|expected|)``: rounding relative to the tensor's scale
+    (sums such as weight gradients cancel, so elementwise relative error is meaningless there)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, msg
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * scale, f"{msg}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
 class SmallCNN(nn.Module):
     """conv -> BN2d -> relu -> pool -> linear -> BN1d (the classifier-head case)."""
 

@@ -41,23 +41,23 @@ def forward(self, x):
     bn_batch_moments = renorm_fx_functional_batch_moments(conv, bn_running_mean, 'bn', (4,))
     bn_batch_mean = bn_batch_moments[0]
     bn_batch_var = bn_batch_moments[1];  bn_batch_moments = None
-    bn_add = bn_batch_var + 1e-05;  bn_batch_var = None
+    bn_add = bn_batch_var + 1e-05
     bn_sigma_b = torch.sqrt(bn_add);  bn_add = None
     bn_add_1 = bn_running_var + 1e-05
     bn_sigma = torch.sqrt(bn_add_1);  bn_add_1 = None
     bn_truediv = bn_sigma_b / bn_sigma
     bn_reciprocal = bn_r_max.reciprocal()
     bn_clamp = torch.clamp(bn_truediv, bn_reciprocal, bn_r_max);  bn_truediv = bn_reciprocal = bn_r_max = None
-    bn_r = bn_clamp.detach();  bn_clamp = None
+    bn_r = torch.ops.renorm_fx.stop_gradient(bn_clamp);  bn_clamp = None
     bn_sub = bn_batch_mean - bn_running_mean
     bn_truediv_1 = bn_sub / bn_sigma;  bn_sub = None
     bn_neg = -bn_d_max
     bn_clamp_1 = torch.clamp(bn_truediv_1, bn_neg, bn_d_max);  bn_truediv_1 = bn_neg = bn_d_max = None
-    bn_d = bn_clamp_1.detach();  bn_clamp_1 = None
+    bn_d = torch.ops.renorm_fx.stop_gradient(bn_clamp_1);  bn_clamp_1 = None
     bn_scale = bn_weight * bn_r;  bn_r = None
     bn_mul = bn_weight * bn_d;  bn_weight = bn_d = None
     bn_shift = bn_mul + bn_bias;  bn_mul = bn_bias = None
-    bn_batch_norm = torch.nn.functional.batch_norm(conv, None, None, weight = bn_scale, bias = bn_shift, training = True, momentum = 0.0, eps = 1e-05);  conv = bn_scale = bn_shift = None
+    bn_batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(conv, bn_batch_mean, bn_batch_var, bn_scale, bn_shift, 1e-05);  conv = bn_batch_var = bn_scale = bn_shift = None
     bn_mul_1 = bn_running_mean * 0.9
     bn_mul_2 = bn_batch_mean * 0.1;  bn_batch_mean = None
     bn_add_2 = bn_mul_1 + bn_mul_2;  bn_mul_1 = bn_mul_2 = None
@@ -70,7 +70,7 @@ def forward(self, x):
     bn_clamp_min = torch.clamp_min(bn_sub_1, 0.0);  bn_sub_1 = None
     bn_copy__1 = bn_running_var.copy_(bn_clamp_min);  bn_running_var = bn_clamp_min = bn_copy__1 = None
     bn_add_ = bn_num_batches_tracked.add_(1);  bn_num_batches_tracked = bn_add_ = None
-    relu = torch.nn.functional.relu(bn_batch_norm, inplace = False);  bn_batch_norm = None
+    relu = torch.nn.functional.relu(bn_batch_norm_with_stats, inplace = False);  bn_batch_norm_with_stats = None
     return relu""")
 
     def test_conv_net_eval(self):
@@ -95,23 +95,23 @@ def forward(self, x):
     batch_norm_batch_moments = renorm_fx_functional_batch_moments(x, running_mean, 'batch_norm', ())
     batch_norm_batch_mean = batch_norm_batch_moments[0]
     batch_norm_batch_var = batch_norm_batch_moments[1];  batch_norm_batch_moments = None
-    batch_norm_add = batch_norm_batch_var + 1e-05;  batch_norm_batch_var = None
+    batch_norm_add = batch_norm_batch_var + 1e-05
     batch_norm_sigma_b = torch.sqrt(batch_norm_add);  batch_norm_add = None
     batch_norm_add_1 = running_var + 1e-05
     batch_norm_sigma = torch.sqrt(batch_norm_add_1);  batch_norm_add_1 = None
     batch_norm_truediv = batch_norm_sigma_b / batch_norm_sigma
     batch_norm_reciprocal = batch_norm_r_max.reciprocal()
     batch_norm_clamp = torch.clamp(batch_norm_truediv, batch_norm_reciprocal, batch_norm_r_max);  batch_norm_truediv = batch_norm_reciprocal = batch_norm_r_max = None
-    batch_norm_r = batch_norm_clamp.detach();  batch_norm_clamp = None
+    batch_norm_r = torch.ops.renorm_fx.stop_gradient(batch_norm_clamp);  batch_norm_clamp = None
     batch_norm_sub = batch_norm_batch_mean - running_mean
     batch_norm_truediv_1 = batch_norm_sub / batch_norm_sigma;  batch_norm_sub = None
     batch_norm_neg = -batch_norm_d_max
     batch_norm_clamp_1 = torch.clamp(batch_norm_truediv_1, batch_norm_neg, batch_norm_d_max);  batch_norm_truediv_1 = batch_norm_neg = batch_norm_d_max = None
-    batch_norm_d = batch_norm_clamp_1.detach();  batch_norm_clamp_1 = None
+    batch_norm_d = torch.ops.renorm_fx.stop_gradient(batch_norm_clamp_1);  batch_norm_clamp_1 = None
     batch_norm_scale = weight * batch_norm_r;  batch_norm_r = None
     batch_norm_mul = weight * batch_norm_d;  weight = batch_norm_d = None
     batch_norm_shift = batch_norm_mul + bias;  batch_norm_mul = bias = None
-    batch_norm_1 = torch.nn.functional.batch_norm(x, None, None, weight = batch_norm_scale, bias = batch_norm_shift, training = True, momentum = 0.0, eps = 1e-05);  x = batch_norm_scale = batch_norm_shift = None
+    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_norm_batch_mean, batch_norm_batch_var, batch_norm_scale, batch_norm_shift, 1e-05);  x = batch_norm_batch_var = batch_norm_scale = batch_norm_shift = None
     batch_norm_mul_1 = running_mean * 0.9
     batch_norm_mul_2 = batch_norm_batch_mean * 0.1;  batch_norm_batch_mean = None
     batch_norm_add_2 = batch_norm_mul_1 + batch_norm_mul_2;  batch_norm_mul_1 = batch_norm_mul_2 = None
@@ -124,4 +124,4 @@ def forward(self, x):
     batch_norm_clamp_min = torch.clamp_min(batch_norm_sub_1, 0.0);  batch_norm_sub_1 = None
     batch_norm_copy__1 = running_var.copy_(batch_norm_clamp_min);  running_var = batch_norm_clamp_min = batch_norm_copy__1 = None
     batch_norm_add_ = batch_norm_renorm_step.add_(1);  batch_norm_renorm_step = batch_norm_add_ = None
-    return batch_norm_1""")
+    return batch_norm_with_stats""")
