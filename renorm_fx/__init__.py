@@ -5,9 +5,15 @@
     deploy = fold(model.eval())                    # folded into the preceding conv/linear
 """
 
+from . import backend as _backend
 from .api import RenormTraceError, bounds, renormify
+from .backend import RenormCompileError, renorm_backend
+from .deploy import FoldReport, export_onnx, fold
 from .graph_module import RenormGraphModule
 from .schedule import RenormSchedule
 
-__all__ = ["renormify", "bounds", "RenormSchedule", "RenormGraphModule", "RenormTraceError"]
+__all__ = ["renormify", "bounds", "RenormSchedule", "RenormGraphModule", "RenormTraceError", "fold", "FoldReport", "export_onnx",
+           "renorm_backend", "RenormCompileError"]
 __version__ = "0.1.0"
+
+_backend.register()  # torch.compile(model, backend="renorm")

@@ -64,11 +64,54 @@ def _ranks(module: nn.Module) -> tuple[int, ...]:
     return ()
 
 
-def _owner(node: Any) -> Optional[str]:
-    """The module path owning a ``get_attr`` running-statistics node, if any."""
-    if isinstance(node, fx.Node) and node.op == "get_attr" and "." in node.target:
-        return node.target.rsplit(".", 1)[0]
+_DYNAMO_BUFFER = re.compile(r"^l_(?:self_)?(?:modules_)?(.*?)_buffers_running_mean_$")
+
+
+def _layer_name(mean: Any) -> Optional[str]:
+    """The layer owning a running-mean node: ``a.b`` for ``get_attr a.b.running_mean``, and
+    the same for Dynamo's lifted buffers (``l_self_modules_a_modules_b_buffers_running_mean_``)."""
+    if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in mean.target:
+        return mean.target.rsplit(".", 1)[0]
+    if isinstance(mean, fx.Node) and mean.op == "placeholder":
+        match = _DYNAMO_BUFFER.match(mean.name)
+        if match:
+            return match.group(1).replace("_modules_", ".")
     return None
+
+
+def _functional_step(root: nn.Module, graph: fx.Graph, node: fx.Node, mean: fx.Node, name: str) -> tuple[fx.Node, str]:
+    """The step tensor of a functional batch-norm, and its qualified name.
+
+    The ``num_batches_tracked`` beside the running mean when there is one (a module's
+    buffer, or the one Dynamo lifted as an input: its ``add_(1)`` before the batch-norm is
+    removed, since the renorm subgraph counts the step itself); otherwise a new step
+    buffer on ``root``.
+    """
+    if mean.op == "get_attr" and mean.target.endswith("running_mean"):
+        target = mean.target[: -len("running_mean")] + "num_batches_tracked"
+        if _has_attr(root, target):
+            with graph.inserting_before(node):
+                return graph.get_attr(target), target
+    if mean.op == "placeholder" and "running_mean" in mean.name:
+        sibling = mean.name.replace("running_mean", "num_batches_tracked")
+        step = next((n for n in graph.nodes if n.op == "placeholder" and n.name == sibling), None)
+        if step is not None:
+            for user in list(step.users):
+                if user.op == "call_method" and user.target == "add_" and user.args[1:] == (1,) and not user.users:
+                    graph.erase_node(user)
+            return step, sibling
+        if _DYNAMO_BUFFER.match(mean.name):
+            raise ValueError(
+                f"layer {name!r}: its num_batches_tracked is not in the graph torch.compile captured: "
+                f"Dynamo broke the graph inside the layer (a print, a .item(), or the float(num_batches_tracked) "
+                f"of a batchnorm with momentum=None), so its step cannot be counted. Remove the graph break "
+                f"(momentum=None: set a momentum such as 0.01), or renormify(model) first."
+            )
+    target = name.replace(".", "_") + STEP_SUFFIX
+    if not _has_attr(root, target):  # a copy of a converted model has it already
+        root.register_buffer(target, torch.zeros((), dtype=torch.long))
+    with graph.inserting_before(node):
+        return graph.get_attr(target), target
 
 
 def _has_attr(root: nn.Module, target: str) -> bool:
@@ -136,18 +179,12 @@ def rewrite_batch_norms(
                     )
                 continue
             mean, var, x, weight, bias = a["running_mean"], a["running_var"], a["input"], a["weight"], a["bias"]
-            name = _owner(mean) or node.name
+            name = _layer_name(mean) or node.name
             if mean is None or var is None:
                 skipped.append(name)
                 continue
             alpha, eps, ranks = a["momentum"] if momentum is None else momentum, a["eps"], ()
-            step_target = f"{name}.num_batches_tracked"
-            if _owner(mean) is None or not _has_attr(root, step_target):
-                step_target = name.replace(".", "_") + STEP_SUFFIX
-                if not _has_attr(root, step_target):  # a copy of a converted model has it
-                    root.register_buffer(step_target, torch.zeros((), dtype=torch.long))
-            with graph.inserting_before(node):
-                step = graph.get_attr(step_target)
+            step, step_target = _functional_step(root, graph, node, mean, name)
         else:
             continue
 

@@ -1,0 +1,524 @@
+"""FX pass: fold inference-mode batch-norms into the conv / linear layer before them.
+
+Matches, in a graph traced in eval mode:
+
+* ``call_module`` nodes whose module is a ``_BatchNorm`` (``nn.BatchNorm1d/2d/3d``,
+  subclasses, renorm layers after ``renormify``) in eval mode with running statistics;
+* ``call_function`` nodes calling ``F.batch_norm`` / ``torch.batch_norm`` with
+  ``training=False`` whose running statistics (and affine, if any) are ``get_attr``
+  nodes.
+
+At inference such a layer is a per-channel affine map of its input::
+
+    y = gamma * (x - mu) / sqrt(running_var + eps) + beta  =  x * scale + shift
+    scale = gamma / sqrt(running_var + eps),   shift = beta - mu * scale
+
+so when its input is the output of a layer that is itself linear per output
+channel — an ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``
+module, or an ``F.conv*d`` / ``F.conv_transpose*d`` / ``F.linear`` call whose weight
+(and bias) are ``get_attr`` nodes — the map is multiplied into that layer's weight and
+added to its bias, and the normalization node disappears. The arithmetic is done in
+float64 and stored in the layer's dtype and memory format.
+
+A fold must change the layer's weights, so it needs the layer's output to feed only
+the batch-norm and the weights to be used at that one call site. Where that does not
+hold (another user of the conv's output, a module or weight used at several sites,
+normalization before the conv as in pre-activation nets, a non-linearity in between, a
+model input) the batch-norm becomes one :class:`ScaleShift` — the same map, with
+``scale`` and ``shift`` as buffers — and the reason is recorded. Batch-norms that use
+batch statistics in eval mode (``track_running_stats=False``, or kept in training
+mode) are not affine maps of their input and stay as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+__all__ = ["ScaleShift", "FoldResult", "fold_batch_norms", "fold_weights", "batch_norm_affine"]
+
+_BN_SIGNATURE = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in (
+        ("input", inspect.Parameter.empty), ("running_mean", inspect.Parameter.empty),
+        ("running_var", inspect.Parameter.empty), ("weight", None), ("bias", None), ("training", False),
+        ("momentum", 0.1), ("eps", 1e-5))]
+)
+_TORCH_BN_SIGNATURE = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
+     ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")]
+)
+_BN_FUNCTIONS = {F.batch_norm: _BN_SIGNATURE, torch.batch_norm: _TORCH_BN_SIGNATURE}
+
+# functional layers: target -> (kind, spatial rank); weight at args[1], bias at args[2]
+_FUNCTIONAL_LAYERS: dict[Any, tuple[str, int]] = {
+    F.linear: ("linear", 0),
+    F.conv1d: ("conv", 1), F.conv2d: ("conv", 2), F.conv3d: ("conv", 3),
+    F.conv_transpose1d: ("conv_transpose", 1), F.conv_transpose2d: ("conv_transpose", 2),
+    F.conv_transpose3d: ("conv_transpose", 3),
+}
+# groups is positional argument 6 of both F.conv*d(input, weight, bias, stride, padding, dilation,
+# groups) and F.conv_transpose*d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+_GROUPS_ARG = 6
+
+_MODULE_LAYERS: dict[type, tuple[str, int]] = {
+    nn.Linear: ("linear", 0),
+    nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
+    nn.ConvTranspose1d: ("conv_transpose", 1), nn.ConvTranspose2d: ("conv_transpose", 2),
+    nn.ConvTranspose3d: ("conv_transpose", 3),
+}
+
+
+class ScaleShift(nn.Module):
+    """``x * scale + shift`` per channel (dim 1): a batch-norm's inference map.
+
+    ``scale`` and ``shift`` are 1-D buffers, reshaped to broadcast over dim 1 of
+    inputs of any rank. Computed in the wider of the input's and the buffers'
+    dtype, returned in the input's, as batchnorm does for half-precision input.
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        dtype = torch.promote_types(x.dtype, self.scale.dtype)
+        y = x.to(dtype) * self.scale.view(shape) + self.shift.view(shape)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """What :func:`fold_batch_norms` did, keyed by batch-norm name (``"bn (call 2)"`` for
+    a module's later call sites)."""
+
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)  # bn -> conv / linear
+    not_folded: dict[str, str] = dataclasses.field(default_factory=dict)  # bn -> reason
+
+
+def batch_norm_affine(
+    running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` in float64: the batch-norm's inference map ``x * scale + shift``."""
+    scale = torch.rsqrt(running_var.detach().double() + eps)
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -running_mean.detach().double() * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
+
+
+def fold_weights(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
+    kind: str, groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's ``(weight, bias)`` followed by ``x * scale + shift`` on its output channels.
+
+    ``kind`` is ``"conv"`` (weight ``(out, in/groups, *k)``), ``"linear"`` (``(out, in)``) or
+    ``"conv_transpose"`` (weight ``(in, out/groups, *k)``: output channel
+    ``g * (out/groups) + j`` is ``weight[g*(in/groups):(g+1)*(in/groups), j]``). Computed in
+    float64; returned in the weight's dtype and memory format (the bias's dtype, or the
+    weight's when there was no bias).
+    """
+    w = weight.detach().double().contiguous()
+    scale, shift = scale.double(), shift.double()
+    if kind == "conv_transpose":
+        in_c, per_group, *kernel = w.shape
+        if in_c % groups or per_group * groups != scale.numel():
+            raise ValueError(f"fold: transposed weight {tuple(w.shape)} with groups={groups} does not "
+                             f"have {scale.numel()} output channels")
+        ones = [1] * len(kernel)
+        w = (w.view(groups, in_c // groups, per_group, *kernel)
+             * scale.view(groups, 1, per_group, *ones)).view(weight.shape)
+    elif kind in ("conv", "linear"):
+        if w.shape[0] != scale.numel():
+            raise ValueError(f"fold: weight {tuple(w.shape)} does not have {scale.numel()} output channels")
+        w = w * scale.view(-1, *[1] * (w.dim() - 1))
+    else:
+        raise ValueError(f"fold: unknown layer kind {kind!r}")
+    b = shift if bias is None else bias.detach().double() * scale + shift
+    new_weight = torch.empty_like(weight, requires_grad=False)  # same dtype, device and strides
+    new_weight.copy_(w)
+    new_bias = b.to(device=weight.device, dtype=weight.dtype if bias is None else bias.dtype)
+    return new_weight, new_bias
+
+
+# ---- matching ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Norm:
+    """One inference batch-norm site."""
+
+    node: fx.Node
+    name: str
+    stats: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float]]
+    ranks: tuple[int, ...]  # input ranks the layer accepts (() = any)
+    module: Optional[nn.Module] = None
+    reason: str = ""  # why it cannot be expressed as x * scale + shift
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _get(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _get(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bn_ranks(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, nn.BatchNorm1d):
+        return (2, 3)
+    if isinstance(module, nn.BatchNorm2d):
+        return (4,)
+    if isinstance(module, nn.BatchNorm3d):
+        return (5,)
+    return ()
+
+
+def _bind_bn(node: fx.Node) -> Optional[dict[str, Any]]:
+    try:
+        bound = _BN_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _norm_input(node: fx.Node) -> Any:
+    """The batch-norm's input, read now (an earlier fold may have rewired it)."""
+    if node.op == "call_module":
+        return node.args[0] if node.args else node.kwargs.get("input")
+    args = _bind_bn(node)
+    return None if args is None else args["input"]
+
+
+def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, _BatchNorm):
+            return None
+        norm = _Norm(node, node.target, None, _bn_ranks(module), module)
+        if module.training:
+            norm.reason = "in training mode inside an eval model: uses batch statistics, kept as batchnorm"
+        elif module.running_mean is None or module.running_var is None:
+            norm.reason = "track_running_stats=False: uses batch statistics in eval mode, kept as batchnorm"
+        elif type(module).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+            norm.reason = f"{type(module).__name__} overrides forward: not a plain batchnorm, kept as is"
+        else:
+            norm.stats = (module.running_mean, module.running_var, module.weight, module.bias, float(module.eps))
+        return norm
+    if node.op == "call_function" and node.target in _BN_FUNCTIONS:
+        a = _bind_bn(node)
+        if a is None:
+            return None
+        owner = a["running_mean"]
+        name = owner.target.rsplit(".", 1)[0] if isinstance(owner, fx.Node) and owner.op == "get_attr" \
+            and "." in owner.target else node.name
+        norm = _Norm(node, name, None, ())
+        mean, var = _attr(gm, a["running_mean"]), _attr(gm, a["running_var"])
+        weight, bias = _attr(gm, a["weight"]), _attr(gm, a["bias"])
+        if a["training"] is not False:
+            norm.reason = "called with training=True (or a traced flag): uses batch statistics, kept as batchnorm"
+        elif a["running_mean"] is None or a["running_var"] is None:
+            norm.reason = "no running statistics: uses batch statistics, kept as batchnorm"
+        elif mean is None or var is None or (a["weight"] is not None and weight is None) or (
+                a["bias"] is not None and bias is None) or not isinstance(a["eps"], (int, float)):
+            norm.reason = "statistics, affine or eps are computed in the graph, not attributes: kept as batchnorm"
+        else:
+            norm.stats = (mean, var, weight, bias, float(a["eps"]))
+        return norm
+    return None
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A conv / linear producer: where its weight and bias live."""
+
+    node: fx.Node
+    name: str
+    kind: str
+    spatial: int
+    groups: int
+    out_channels: int
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    module: Optional[nn.Module] = None
+
+
+def _match_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[_Layer], str]:
+    """The layer ``node`` calls, or why it is not one a batch-norm can fold into."""
+    if node.op == "placeholder":
+        return None, f"its input {node.name!r} is a model input, not a conv / linear output"
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        base = next((t for t in _MODULE_LAYERS if isinstance(module, t)), None)
+        if base is None:
+            return None, (f"its input comes from {type(module).__name__} {node.target!r}, "
+                          f"not a conv / linear layer")
+        if parametrize.is_parametrized(module) or type(module).forward is not base.forward or (
+                hasattr(base, "_conv_forward") and type(module)._conv_forward is not base._conv_forward):
+            return None, f"{node.target!r} ({type(module).__name__}) computes its output in its own way"
+        kind, spatial = _MODULE_LAYERS[base]
+        if not isinstance(module.weight, torch.Tensor) or module.weight.is_meta or isinstance(
+                module.weight, nn.parameter.UninitializedParameter):
+            return None, f"{node.target!r} has no materialized weight"
+        groups = getattr(module, "groups", 1)
+        out = module.out_features if kind == "linear" else module.out_channels
+        return _Layer(node, node.target, kind, spatial, groups, out, module.weight, module.bias, module), ""
+    if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+        kind, spatial = _FUNCTIONAL_LAYERS[node.target]
+        args = list(node.args)
+        weight_node = args[1] if len(args) > 1 else node.kwargs.get("weight")
+        bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        weight = _attr(gm, weight_node)
+        bias = _attr(gm, bias_node)
+        if weight is None or (bias_node is not None and bias is None):
+            return None, f"{node.name!r} takes its weight / bias from the graph, not from attributes"
+        groups = 1
+        if kind != "linear":
+            groups = args[_GROUPS_ARG] if len(args) > _GROUPS_ARG else node.kwargs.get("groups", 1)
+            if not isinstance(groups, int):
+                return None, f"{node.name!r} has a computed groups argument"
+        name = weight_node.target.rsplit(".", 1)[0] if "." in weight_node.target else node.name
+        out = weight.shape[1] * groups if kind == "conv_transpose" else weight.shape[0]
+        return _Layer(node, name, kind, spatial, groups, out, weight, bias), ""
+    what = node.target.__name__ if callable(node.target) and hasattr(node.target, "__name__") else node.target
+    return None, f"its input comes from {node.op} {what!r} ({node.name}), not a conv / linear layer"
+
+
+def _tensor_uses(gm: fx.GraphModule) -> dict[int, int]:
+    """How many call sites use each parameter / buffer (by identity): each call of a module
+    using it, and each user of a ``get_attr`` node reading it."""
+    uses: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        tensors: Sequence[torch.Tensor] = ()
+        count = 1
+        if node.op == "call_module":
+            tensors = [t for _, t in gm.get_submodule(node.target).named_parameters(remove_duplicate=False)]
+        elif node.op == "get_attr":
+            value = _attr(gm, node)
+            tensors = [value] if value is not None else []
+            count = max(1, len(node.users))
+        for t in {id(t): t for t in tensors}.values():
+            uses[id(t)] = uses.get(id(t), 0) + count
+    return uses
+
+
+# ---- the pass ----------------------------------------------------------------------------
+
+def fold_batch_norms(gm: fx.GraphModule) -> FoldResult:
+    """Fold the inference batch-norms of ``gm`` into the layers before them, in place.
+
+    Changes the folded layers' weight and bias (new ``nn.Parameter`` objects on their
+    modules, or new attributes for functional layers): pass a copy to keep the
+    original. Non-foldable batch-norms with running statistics become
+    :class:`ScaleShift` modules. Nodes with shape metadata (``tensor_meta`` from
+    ``ShapeProp``, or ``val``) are checked against it; elsewhere a fold whose channel
+    dim the batch-norm does not pin down gets a run-time rank check. Recompiles ``gm``
+    and returns what was done.
+    """
+    graph = gm.graph
+    result = FoldResult()
+    uses = _tensor_uses(gm)
+    scale_shifts: dict[str, str] = {}  # batch-norm module target / node name -> ScaleShift target
+    removed_attrs: set[str] = set()
+
+    norms: list[_Norm] = []
+    seen: dict[str, int] = {}
+    for node in graph.nodes:
+        norm = _match_norm(gm, node)
+        if norm is None:
+            continue
+        seen[norm.name] = seen.get(norm.name, 0) + 1
+        if seen[norm.name] > 1:  # a module (or statistics) used at several sites
+            norm.name = f"{norm.name} (call {seen[norm.name]})"
+        norms.append(norm)
+
+    for norm in norms:
+        node = norm.node
+        if norm.stats is None:
+            result.not_folded[norm.name] = norm.reason
+            continue
+        mean, var, gamma, beta, eps = norm.stats
+        scale, shift = batch_norm_affine(mean, var, gamma, beta, eps)
+        x = _norm_input(node)
+        layer, reason = (None, "its input is not a graph value") if not isinstance(x, fx.Node) \
+            else _match_layer(gm, x)
+        if layer is not None:
+            reason = _why_not(layer, norm, uses, scale.numel())
+        if layer is None or reason:
+            with graph.inserting_before(node):
+                dtype = torch.promote_types(mean.dtype, torch.float32)  # half statistics: keep float32
+                new = graph.call_module(_scale_shift(gm, norm, scale.to(dtype), shift.to(dtype), scale_shifts), (x,))
+            node.replace_all_uses_with(new)
+            new.name, node.name = node.name, new.name  # the replacement keeps the batch-norm's name
+            result.not_folded[norm.name] = f"{reason}; replaced by x * scale + shift"
+        else:
+            _fold_into(gm, layer, scale, shift)
+            if _known_rank(layer.node) is None and norm.ranks != (_layer_rank(layer),):
+                _insert_rank_guard(graph, layer, norm)
+            node.replace_all_uses_with(layer.node)
+            result.folded[norm.name] = layer.name
+        inputs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        graph.erase_node(node)
+        for a in inputs:
+            if not a.users:
+                removed_attrs.add(a.target)
+                graph.erase_node(a)
+
+    graph.lint()
+    _drop_unused_attrs(gm, removed_attrs)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return result
+
+
+def _why_not(layer: _Layer, norm: _Norm, uses: dict[int, int], channels: int) -> str:
+    others = [u.name for u in layer.node.users if u is not norm.node]
+    if others:
+        return (f"the output of {layer.name!r} has other users besides the batch-norm "
+                f"({', '.join(others)}): folding would change them too")
+    sites = max(uses.get(id(layer.weight), 1), uses.get(id(layer.bias), 1) if layer.bias is not None else 1)
+    if sites > 1:
+        return f"{layer.name!r} is used at {sites} call sites (shared weights): folding would change all of them"
+    if layer.out_channels != channels:
+        return f"{layer.name!r} has {layer.out_channels} output channels, the batch-norm {channels}"
+    if layer.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"{layer.name!r} has {layer.weight.dtype} weights"
+    want, known = _layer_rank(layer), _known_rank(layer.node)
+    if known is not None and known != want:
+        return (f"the output of {layer.name!r} is {known}-D: the batch-norm normalizes its dim 1, "
+                f"not the layer's output channels")
+    if norm.ranks and want not in norm.ranks:
+        return f"the output of {layer.name!r} is {want}-D, which the batch-norm does not accept"
+    return ""
+
+
+def _layer_rank(layer: _Layer) -> int:
+    """The rank the layer's output has when its input is batched (channels on dim 1)."""
+    return 2 if layer.kind == "linear" else layer.spatial + 2
+
+
+def _known_rank(node: fx.Node) -> Optional[int]:
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return len(meta.shape)
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _insert_rank_guard(graph: fx.Graph, layer: _Layer, norm: _Norm) -> None:
+    """Assert at run time that the folded layer's channels are dim 1, as the fold assumed.
+
+    Only where the batch-norm alone does not imply it: ``BatchNorm1d`` accepts 2-D and
+    3-D input, so ``Linear`` on ``(N, C, L)`` input followed by ``BatchNorm1d(C)`` with
+    ``C == out_features`` would normalize dim 1, not the linear's features. Shapes are
+    static under ``torch.export``, so the check costs nothing in an exported model.
+    """
+    want = _layer_rank(layer)
+    message = (f"fold: {norm.name!r} was folded into {layer.name!r} assuming a {want}-D output; "
+               f"for another rank, refold with fold(model, example_inputs=...)")
+    prefix = layer.node.name
+    with graph.inserting_after(layer.node):
+        dim = graph.call_method("dim", (layer.node,))
+    with graph.inserting_after(dim):
+        same = graph.call_function(operator.eq, (dim, want))
+    with graph.inserting_after(same):
+        check = graph.call_function(torch._assert, (same, message))
+    for node, suffix in ((dim, "dim"), (same, f"is_{want}d"), (check, "rank_check")):
+        node._rename(f"{prefix}_{suffix}")
+
+
+def _fold_into(gm: fx.GraphModule, layer: _Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    weight, bias = fold_weights(layer.weight, layer.bias, scale, shift, layer.kind, layer.groups)
+    grad = layer.weight.requires_grad
+    if layer.module is not None:
+        layer.module.weight = nn.Parameter(weight, requires_grad=grad)
+        layer.module.bias = nn.Parameter(bias, requires_grad=grad)
+        return
+    node = layer.node
+    weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    _set_attr(gm, weight_node.target, weight, grad)
+    bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if bias_node is not None:
+        _set_attr(gm, bias_node.target, bias, grad)
+        return
+    owner, _, leaf = weight_node.target.rpartition(".")
+    target, n = f"{leaf}_folded_bias", 0
+    while hasattr(gm.get_submodule(owner), target):
+        n += 1
+        target = f"{leaf}_folded_bias_{n}"
+    target = f"{owner}.{target}" if owner else target
+    _set_attr(gm, target, bias, grad)
+    with gm.graph.inserting_before(node):
+        bias_node = gm.graph.get_attr(target)
+    if len(node.args) > 2:
+        node.update_arg(2, bias_node)
+    else:
+        node.update_kwarg("bias", bias_node)
+
+
+def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, grad: bool) -> None:
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner)
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        if hasattr(module, leaf) and leaf not in module._parameters:
+            delattr(module, leaf)
+        module.register_parameter(leaf, nn.Parameter(value, requires_grad=grad))
+
+
+def _scale_shift(gm: fx.GraphModule, norm: _Norm, scale: torch.Tensor, shift: torch.Tensor,
+                 done: dict[str, str]) -> str:
+    """The target of the :class:`ScaleShift` standing in for ``norm`` (one per batch-norm module)."""
+    node = norm.node
+    key = node.target if node.op == "call_module" else node.name
+    if key not in done:
+        if node.op == "call_module":
+            target = node.target  # takes the batch-norm module's place and name
+        else:
+            target = f"{node.name}_scale_shift"
+            while hasattr(gm, target):
+                target = "_" + target
+        gm.add_submodule(target, ScaleShift(scale, shift))
+        done[key] = target
+    return done[key]
+
+
+def _drop_unused_attrs(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Remove tensors only the erased batch-norms read (a functional layer's statistics)."""
+    still = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for target in targets:
+        if any(t == target or target.startswith(t + ".") for t in still):
+            continue
+        owner, _, leaf = target.rpartition(".")
+        try:
+            module = gm.get_submodule(owner)
+        except AttributeError:
+            continue
+        for table in (module._parameters, module._buffers):
+            table.pop(leaf, None)
+        if leaf in module.__dict__:
+            del module.__dict__[leaf]

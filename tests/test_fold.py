@@ -1,0 +1,616 @@
+"""fold: batch-norms (and renorm layers) baked into the conv / linear before them."""
+
+import copy
+import logging
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.testing import assert_close
+
+import renorm_fx
+from renorm_fx import FoldReport, RenormSchedule, fold, renormify
+from renorm_fx.deploy import ScaleShift, export_onnx
+from renorm_fx.passes.fold_pass import fold_weights
+
+BN_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+
+
+class models:  # noqa: N801 - self-contained copies of the tests/models.py shapes used here
+    class SmallCNN(nn.Module):
+        def __init__(self, channels: int = 8, classes: int = 4) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(channels)
+            self.fc = nn.Linear(channels, classes)
+            self.bn_head = nn.BatchNorm1d(classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn(self.conv(x)))
+            return self.bn_head(self.fc(x.mean((2, 3))))
+
+    class ResidualBlock(nn.Module):
+        def __init__(self, c: int = 6) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)  # depthwise
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(x + self.bn2(self.conv2(y)))
+
+    class PreActBlock(nn.Module):
+        def __init__(self, c: int = 6) -> None:
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv1(F.relu(self.bn1(x)))
+            return x + self.conv2(F.relu(self.bn2(y)))
+
+    class SharedBN(nn.Module):
+        def __init__(self, c: int = 5) -> None:
+            super().__init__()
+            self.lin = nn.Linear(c, c)
+            self.bn = nn.BatchNorm1d(c)
+
+        def forward(self, x):
+            return self.bn(self.lin(self.bn(x)))
+
+    class MLP(nn.Module):
+        def __init__(self, d: int = 7) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(d, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+    @staticmethod
+    def scramble_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+                if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+                    rm.copy_(torch.randn(rm.shape, generator=g) * 2)
+                    rv.copy_(torch.rand(rv.shape, generator=g) * 8 + 0.05)
+        return model
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial affine and running statistics on every batch-norm."""
+    models.scramble_stats(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def _norm_nodes(gm: fx.GraphModule) -> list:
+    """Normalization nodes left in a folded graph."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (nn.modules.batchnorm._BatchNorm, ScaleShift)):
+            out.append(node.target)
+        elif node.op == "call_function" and node.target in BN_FUNCTIONS:
+            out.append(node.name)
+    return out
+
+
+def _check_folded(model: nn.Module, x: torch.Tensor, rtol: float = 1e-12, atol: float = 1e-12):
+    model.eval()
+    folded, report = fold(model, report=True)
+    assert isinstance(folded, fx.GraphModule) and not folded.training
+    assert not report.not_folded, report
+    assert _norm_nodes(folded) == [], folded.code
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        assert_close(folded(x), model(x), rtol=rtol, atol=atol)
+    return folded, report
+
+
+# ---- every layer kind ---------------------------------------------------------------------
+
+LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d, 6, (3, 4, 9)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2), nn.BatchNorm2d, 6, (3, 4, 9, 9)),
+    "conv3d": (lambda: nn.Conv3d(4, 6, 3, dilation=2, padding=2), nn.BatchNorm3d, 6, (2, 4, 5, 5, 5)),
+    "conv2d_grouped_no_bias": (lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d, 6, (3, 4, 7, 7)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.BatchNorm2d, 6, (3, 6, 7, 7)),
+    "conv2d_circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), nn.BatchNorm2d, 6,
+                        (3, 4, 7, 7)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), nn.BatchNorm1d, 6, (3, 4, 9)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1), nn.BatchNorm2d, 6,
+                         (3, 4, 5, 5)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2), nn.BatchNorm3d, 6, (2, 4, 3, 3, 3)),
+    "conv_transpose2d_groups2": (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d, 6, (3, 4, 5, 5)),
+    "conv_transpose2d_groups2_no_bias": (lambda: nn.ConvTranspose2d(6, 4, 3, groups=2, bias=False),
+                                         nn.BatchNorm2d, 4, (3, 6, 5, 5)),
+    "conv_transpose2d_depthwise": (lambda: nn.ConvTranspose2d(6, 6, 3, groups=6), nn.BatchNorm2d, 6, (3, 6, 5, 5)),
+    "conv_transpose3d_groups3": (lambda: nn.ConvTranspose3d(6, 9, 2, groups=3), nn.BatchNorm3d, 9, (2, 6, 3, 3, 3)),
+    "linear": (lambda: nn.Linear(5, 6), nn.BatchNorm1d, 6, (7, 5)),
+    "linear_no_bias": (lambda: nn.Linear(5, 6, bias=False), nn.BatchNorm1d, 6, (7, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_fold_each_layer_kind_float64(kind):
+    layer, bn, channels, shape = LAYERS[kind]
+    model = _randomize(nn.Sequential(layer(), bn(channels)))
+    model = model.double().eval()
+    folded, report = _check_folded(model, torch.randn(shape, dtype=torch.float64))
+    assert report.folded == {"1": "0"}
+    assert folded.get_submodule("0").bias is not None  # created where there was none
+
+
+def test_two_batch_norms_in_a_row_both_fold():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.BatchNorm2d(5))).double()
+    _, report = _check_folded(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert report.folded == {"1": "0", "2": "0"}
+
+
+def test_affine_false_folds():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5, affine=False))).double()
+    _check_folded(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+def test_sync_batch_norm_folds_in_eval():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.SyncBatchNorm(5))).double()
+    _, report = _check_folded(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert report.folded == {"1": "0"}
+
+
+def test_mlp_linear_batchnorm1d():
+    model = _randomize(models.MLP()).double()
+    folded, report = _check_folded(model, torch.randn(9, 7, dtype=torch.float64))
+    assert report.folded == {"net.1": "net.0"}
+
+
+class FunctionalNet(nn.Module):
+    """F.conv2d / F.conv_transpose2d / F.linear on attribute weights, F.batch_norm and modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.register_buffer("rm1", torch.randn(6))
+        self.register_buffer("rv1", torch.rand(6) + 0.5)
+        self.g1 = nn.Parameter(torch.randn(6))
+        self.beta1 = nn.Parameter(torch.randn(6))
+        self.wt = nn.Parameter(torch.randn(6, 2, 2, 2) * 0.3)  # conv_transpose, groups=2: 6 -> 4
+        self.bn_t = nn.BatchNorm2d(4)
+        self.w2 = nn.Parameter(torch.randn(5, 4) * 0.3)  # linear without bias
+        self.bn2 = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w1, self.b1, padding=1)
+        y = F.relu(F.batch_norm(y, self.rm1, self.rv1, self.g1, self.beta1, self.training, 0.1, 1e-3))
+        y = self.bn_t(F.conv_transpose2d(y, self.wt, None, 2, 0, 0, 2))
+        return self.bn2(F.linear(y.mean((2, 3)), self.w2))
+
+
+def test_functional_conv_and_linear():
+    model = _randomize(FunctionalNet()).double().eval()
+    folded, report = _check_folded(model, torch.randn(3, 3, 6, 6, dtype=torch.float64))
+    assert set(report.folded) == {"batch_norm", "bn_t", "bn2"}, report
+    assert report.folded["bn2"] == "linear"
+    # the statistics of the folded functional batch-norm are gone from the result
+    assert not {"rm1", "rv1", "g1", "beta1"} & set(folded.state_dict())
+    assert model.rm1 is not None and "rm1" in model.state_dict()  # and the caller keeps them
+
+
+# ---- layouts and dtypes -------------------------------------------------------------------
+
+def test_channels_last_weights_keep_their_memory_format():
+    model = _randomize(nn.Sequential(nn.Conv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.ConvTranspose2d(8, 6, 3, groups=2), nn.BatchNorm2d(6)))
+    model = model.double().to(memory_format=torch.channels_last).eval()
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    folded, _ = _check_folded(model, x)
+    for name in ("0", "3"):
+        w = folded.get_submodule(name).weight
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_weights_fold_in_float64(dtype):
+    ref = _randomize(nn.Sequential(nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                   nn.ConvTranspose2d(6, 6, 3, groups=3), nn.BatchNorm2d(6))).eval()
+    model = copy.deepcopy(ref).to(dtype)
+    folded = fold(model)
+    for name, bn in (("0", "1"), ("3", "4")):
+        w = folded.get_submodule(name).weight
+        assert w.dtype == dtype and folded.get_submodule(name).bias.dtype == dtype
+        # the fold is rounded once, from float64
+        conv, norm = model.get_submodule(name), model.get_submodule(bn)
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        shift = norm.bias.double() - norm.running_mean.double() * scale
+        want, _ = fold_weights(conv.weight, conv.bias, scale, shift,
+                               "conv" if name == "0" else "conv_transpose", conv.groups)
+        assert torch.equal(w, want)
+    x = torch.randn(2, 4, 8, 8)
+    exact = ref.double()(x.double())
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5}[dtype]
+    with torch.no_grad():
+        got, unfolded = folded(x.to(dtype)).double(), model(x.to(dtype)).double()
+    scale = exact.abs().max()
+    assert (got - exact).abs().max() <= tol * scale
+    # no worse than the unfolded low-precision model, give or take rounding
+    assert (got - exact).abs().max() <= 2 * (unfolded - exact).abs().max() + tol * scale / 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_scale_and_shift(dtype):
+    model = _randomize(models.PreActBlock()).eval()
+    x = torch.randn(2, 6, 5, 5)
+    exact = model.double()(x.double())
+    model = model.to(dtype)
+    folded, report = fold(model, report=True)
+    assert set(report.not_folded) == {"bn1"}
+    assert folded.bn1.scale.dtype == torch.float32  # statistics kept in float32, as batchnorm computes
+    with torch.no_grad():
+        got = folded(x.to(dtype))
+    assert got.dtype == dtype
+    assert (got.double() - exact).abs().max() <= 5e-2 * exact.abs().max()
+
+
+def test_grouped_conv_transpose_where_torch_fuse_is_wrong():
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=2).double().eval()
+    bn = _randomize(nn.BatchNorm2d(6)).double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    want = bn(conv(x))
+    folded = fold(nn.Sequential(conv, bn).eval())
+    assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+    # torch.nn.utils.fusion gets grouped ConvTranspose wrong (upstream issue 180995):
+    # it scales weight dim 1 (out/groups) by all `out` channels' factors.
+    try:
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias, transpose=True)
+        theirs = F.conv_transpose2d(x, w, b, groups=2)
+        torch_ok = theirs.shape == want.shape and torch.allclose(theirs, want)
+    except RuntimeError:
+        torch_ok = False
+    assert not torch_ok, "torch's fuse_conv_bn_weights handles grouped ConvTranspose now"
+
+
+def test_depthwise_conv_transpose_where_torch_fuse_is_wrong():
+    conv = nn.ConvTranspose2d(4, 4, 3, groups=4).double().eval()
+    bn = _randomize(nn.BatchNorm2d(4)).double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    folded = fold(nn.Sequential(conv, bn).eval())
+    assert_close(folded(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
+    w, _ = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                bn.weight, bn.bias, transpose=True)
+    assert w.shape != conv.weight.shape  # (4, 1, 3, 3) * (1, 4, 1, 1) broadcasts to (4, 4, 3, 3)
+
+
+# ---- networks and the cases that cannot fold ----------------------------------------------
+
+def test_residual_net():
+    model = _randomize(models.ResidualBlock()).double()
+    _, report = _check_folded(model, torch.randn(2, 6, 7, 7, dtype=torch.float64))
+    assert report.folded == {"bn1": "conv1", "bn2": "conv2"}
+
+
+def test_pre_activation_net_scale_and_shift():
+    model = _randomize(models.PreActBlock()).double().eval()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    folded, report = fold(model, report=True)
+    assert report.folded == {"bn2": "conv1"}
+    assert set(report.not_folded) == {"bn1"} and "model input" in report.not_folded["bn1"]
+    assert isinstance(folded.bn1, ScaleShift) and _norm_nodes(folded) == ["bn1"]
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class TwoBranches(nn.Module):
+    """One conv's output feeds a batch-norm and a skip; another conv feeds two batch-norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.act = nn.BatchNorm2d(4)
+        self.after_relu = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.bn(y) + y
+        z = self.conv2(y)
+        return self.after_relu(F.relu(self.bn_a(z) * self.bn_b(z)))
+
+
+def test_conv_output_with_other_users():
+    model = _randomize(TwoBranches()).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    folded, report = fold(model, report=True)
+    assert report.folded == {}
+    assert set(report.not_folded) == {"bn", "bn_a", "bn_b", "after_relu"}
+    assert "other users" in report.not_folded["bn"] and "'conv'" in report.not_folded["bn"]
+    assert "other users" in report.not_folded["bn_a"] and "other users" in report.not_folded["bn_b"]
+    assert "relu" in report.not_folded["after_relu"]
+    assert all("x * scale + shift" in why for why in report.not_folded.values())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    assert torch.equal(folded.conv.weight, model.conv.weight)  # not folded twice, not at all
+
+
+class ReusedConv(nn.Module):
+    """A conv module called at two sites (shared weights), each followed by a batch-norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.alias = self.conv  # the same module under a second name
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x * 2)) + self.bn3(self.alias(-x))
+
+
+def test_conv_called_at_several_sites_is_not_folded():
+    model = _randomize(ReusedConv()).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    folded, report = fold(model, report=True)
+    assert report.folded == {}
+    for bn in ("bn1", "bn2", "bn3"):
+        assert "3 call sites (shared weights)" in report.not_folded[bn], report
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class TiedFunctional(nn.Module):
+    """F.conv2d on one weight at two sites (one get_attr each), and on another weight whose
+    get_attr node feeds two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+        self.v = nn.Parameter(torch.randn(4, 4, 1, 1))
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.bn1(F.conv2d(x, self.w)) + F.conv2d(x * 2, self.w)
+        v = self.v
+        return a + self.bn2(F.conv2d(x, v)) + self.bn3(F.conv2d(-x, v))
+
+
+def test_shared_functional_weights_are_not_folded():
+    model = _randomize(TiedFunctional()).double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    gm = fx.symbolic_trace(model)
+    v_nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "v"]
+    assert len(v_nodes) == 1 and len(v_nodes[0].users) == 2  # one get_attr node feeding two convs
+    folded, report = fold(model, report=True)
+    assert report.folded == {}
+    assert "2 call sites" in report.not_folded["bn1"] and "2 call sites" in report.not_folded["bn2"]
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_module_called_twice():
+    model = _randomize(models.SharedBN()).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    folded, report = fold(model, report=True)
+    assert report.folded == {"bn (call 2)": "lin"}
+    assert set(report.not_folded) == {"bn"}
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_statistics_cannot_fold_and_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    folded, report = fold(model, report=True)
+    assert report.folded == {"3": "2"}
+    assert "track_running_stats=False" in report.not_folded["1"]
+    assert isinstance(folded.get_submodule("1"), nn.BatchNorm2d)  # kept: batch statistics
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_on_3d_input_is_guarded():
+    # BatchNorm1d on (N, C, L) normalizes dim 1, not the linear's output features: folding
+    # Linear(L -> L) + BatchNorm1d(C) with C == L would be wrong.
+    model = _randomize(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))).double().eval()
+    x3 = torch.randn(2, 4, 4, dtype=torch.float64)
+    x2 = torch.randn(5, 4, dtype=torch.float64)
+    folded = fold(model)
+    assert_close(folded(x2), model(x2), rtol=1e-12, atol=1e-12)
+    with pytest.raises(Exception, match="assuming a 2-D output"):
+        folded(x3)
+    checked, report = fold(model, report=True, example_inputs=(x3,))
+    assert "is 3-D" in report.not_folded["1"]
+    assert_close(checked(x3), model(x3), rtol=1e-12, atol=1e-12)
+    checked2 = fold(model, example_inputs=(x2,))
+    assert "_assert" not in checked2.code
+    assert_close(checked2(x2), model(x2), rtol=1e-12, atol=1e-12)
+
+
+def test_report_table_and_logging(caplog):
+    model = _randomize(models.PreActBlock()).eval()
+    with caplog.at_level(logging.INFO, logger="renorm_fx.deploy"):
+        _, report = fold(model, report=True)
+    assert isinstance(report, FoldReport)
+    table = str(report)
+    assert "bn2" in table and "folded into conv1" in table and "NOT folded" in table
+    assert table in caplog.text
+
+
+# ---- renormified models -------------------------------------------------------------------
+
+def _train(model, steps=6, shape=(4, 3, 8, 8)):
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(shape, generator=g) * 3 + 1
+        model(x).square().mean().backward()
+        opt.step()
+    return model
+
+
+def test_renormified_model_after_training():
+    rn = renormify(models.SmallCNN(), RenormSchedule.constant(2.0, 1.0))
+    _train(rn)
+    bn = rn.get_submodule("bn")
+    assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert int(bn.num_batches_tracked) == 6
+    before = copy.deepcopy(rn.state_dict())
+    with pytest.raises(RuntimeError, match="training mode"):
+        fold(rn)
+    rn.eval()
+    folded, report = fold(rn, report=True)
+    assert report.folded == {"bn": "conv", "bn_head": "fc"} and not report.not_folded
+    assert _norm_nodes(folded) == []
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        want = rn(x)
+        assert_close(folded(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    for k, v in rn.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_renormified_functional_and_nested():
+    rn = renormify(FunctionalNet(), RenormSchedule.constant(2.0, 1.0))
+    _train(rn, shape=(4, 3, 6, 6))
+    outer = nn.Sequential(rn, nn.ReLU()).eval()  # a renormified part inside a plain model
+    x = torch.randn(3, 3, 6, 6)
+    folded, report = fold(outer, report=True)
+    assert len(report.folded) == 3 and not report.not_folded, report
+    with torch.no_grad():
+        want = outer(x)
+        assert_close(folded(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert _norm_nodes(folded) == []
+
+
+# ---- the contract -------------------------------------------------------------------------
+
+def test_training_mode_is_refused():
+    model = models.SmallCNN()
+    with pytest.raises(RuntimeError, match=r"training mode; folding bakes in the moving statistics\. "
+                                           r"Call fold\(model\.eval\(\)\)"):
+        fold(model)
+
+
+def test_caller_model_not_mutated_and_parameters_are_new():
+    model = _randomize(models.ResidualBlock()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ours = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    assert not ours & {id(t) for t in list(folded.parameters()) + list(folded.buffers())}
+    assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.bias is None
+
+
+def test_inplace_reuses_modules():
+    model = _randomize(models.ResidualBlock()).double().eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    want = model(x)
+    folded = fold(model, inplace=True)
+    assert folded.conv1 is model.conv1  # its weights were replaced on the caller's module
+    assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_folded_module_copies_and_pickles():
+    model = _randomize(models.PreActBlock()).eval()
+    folded = fold(model)
+    x = torch.randn(2, 6, 5, 5)
+    for other in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
+        assert_close(other(x), folded(x), rtol=0, atol=0)
+    refolded, report = fold(folded, report=True)  # idempotent
+    assert report.folded == {} and _norm_nodes(refolded) == ["bn1"]
+
+
+def test_model_without_batch_norm():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
+    folded, report = fold(model, report=True)
+    assert report.folded == {} and report.not_folded == {} and "no batch-norm" in str(report)
+    x = torch.randn(2, 3)
+    assert_close(folded(x), model(x))
+
+
+# ---- deploy: torch.export and ONNX --------------------------------------------------------
+
+class DeployNet(nn.Module):
+    """Everything fold meets: conv, grouped transposed conv, depthwise, linear, a pre-activation
+    batch-norm (scale-and-shift) and a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn_dw = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2)
+        self.bn_up = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(self.pre(x))))
+        y = y + F.relu(self.bn_dw(self.dw(y)))
+        y = F.relu(self.bn_up(self.up(y)))
+        return self.bn_fc(self.fc(y.mean((2, 3))))
+
+
+def _deploy_model():
+    model = renormify(DeployNet(), RenormSchedule.constant(2.0, 1.0))
+    _train(model, steps=3, shape=(4, 3, 8, 8))
+    return model.eval()
+
+
+def test_torch_export_round_trip():
+    model = _deploy_model()
+    x = torch.randn(3, 3, 8, 8)
+    folded = fold(model)
+    ep = torch.export.export(folded, (x,))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in op for op in ops), ops
+    with torch.no_grad():
+        want = model(x)
+        got = ep.module()(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch's own exporter internals
+def test_onnx_round_trip(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    pytest.importorskip("onnxscript", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    model = _deploy_model()
+    x = torch.randn(3, 3, 8, 8)
+    path = tmp_path / "model.onnx"
+    # optimize=False: no help from the ONNX optimizer, which would fuse Conv + BatchNormalization itself
+    export_onnx(model, (x,), path, optimize=False, dynamic_batch=True)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "BatchNormalization" not in ops and "Conv" in ops and "ConvTranspose" in ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (3, 7):
+        xb = torch.randn(batch, 3, 8, 8)
+        (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            want = model(xb)
+        assert got.shape == tuple(want.shape)
+        assert (torch.from_numpy(got) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_helpers_are_reachable_from_the_package():
+    assert renorm_fx.export_onnx is export_onnx and renorm_fx.FoldReport is FoldReport
