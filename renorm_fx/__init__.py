@@ -6,14 +6,16 @@
 """
 
 from . import backend as _backend
-from .api import RenormTraceError, bounds, renormify
+from .api import LayerDiagnostics, RenormTraceError, bounds, diagnostics, renormify
 from .backend import RenormCompileError, renorm_backend
 from .deploy import FoldReport, export_onnx, fold
 from .graph_module import RenormGraphModule
 from .schedule import RenormSchedule
 
-__all__ = ["renormify", "bounds", "RenormSchedule", "RenormGraphModule", "RenormTraceError", "fold", "FoldReport", "export_onnx",
-           "renorm_backend", "RenormCompileError"]
+__all__ = [
+    "renormify", "bounds", "diagnostics", "LayerDiagnostics", "RenormSchedule", "RenormGraphModule",
+    "RenormTraceError", "renorm_backend", "RenormCompileError", "fold", "FoldReport", "export_onnx",
+]
 __version__ = "0.1.0"
 
 _backend.register()  # torch.compile(model, backend="renorm")

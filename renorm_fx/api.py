@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Optional
 
@@ -13,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .graph_module import RenormGraphModule
 from .schedule import RenormSchedule
 
-__all__ = ["renormify", "bounds", "RenormTraceError"]
+__all__ = ["renormify", "bounds", "diagnostics", "LayerDiagnostics", "RenormTraceError"]
 
 SCHEDULE_NAME = "renorm_schedule"
 
@@ -135,4 +136,40 @@ def bounds(model: nn.Module) -> dict[str, tuple[float, float]]:
                 step = int(module.get_buffer(site.step))
                 schedule: RenormSchedule = module.get_submodule(site.schedule)  # type: ignore[assignment]
                 out[f"{prefix}.{site.name}" if prefix else site.name] = schedule.at(step)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDiagnostics:
+    """A renorm layer's last good training step (all zeros before the first)."""
+
+    step: int  # training steps counted so far (num_batches_tracked)
+    bounds: tuple[float, float]  # the (r_max, d_max) that step used
+    r_range: tuple[float, float]  # min and max of r over the channels
+    d_range: tuple[float, float]  # min and max of d over the channels
+    clipped_fraction: float  # fraction of channels whose r or d the clip changed
+    nonfinite_batches: int  # training batches skipped for NaN / Inf
+
+
+def diagnostics(model: nn.Module) -> dict[str, LayerDiagnostics]:
+    """Per renorm layer (by qualified name): its last step's r, d and clipping.
+
+    Always recorded, in the graph (a few per-channel values a step, no host sync);
+    reading them here syncs once per layer.
+    """
+    out: dict[str, LayerDiagnostics] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, RenormGraphModule):
+            for site in module.renorm_sites.values():
+                r, d, clipped = module.get_buffer(site.diagnostics).detach().cpu().double()
+                step = int(module.get_buffer(site.step))
+                schedule: RenormSchedule = module.get_submodule(site.schedule)  # type: ignore[assignment]
+                out[f"{prefix}.{site.name}" if prefix else site.name] = LayerDiagnostics(
+                    step=step,
+                    bounds=schedule.at(max(step - 1, 0)),
+                    r_range=(r.min().item(), r.max().item()),
+                    d_range=(d.min().item(), d.max().item()),
+                    clipped_fraction=clipped.mean().item(),
+                    nonfinite_batches=int(module.get_buffer(site.nonfinite)),
+                )
     return out

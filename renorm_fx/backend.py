@@ -50,7 +50,7 @@ def rewrite_captured_graph(gm: fx.GraphModule, options: Optional[dict[str, Any]]
     gm.add_module(name, schedule)
     try:
         sites, _ = rewrite_batch_norms(
-            gm, gm.graph, name, options.get("momentum"), options.get("running_stats", "sigma")
+            gm, gm.graph, name, options.get("momentum"), options.get("running_stats", "sigma"), new_buffers=False
         )
     except (ValueError, TypeError) as exc:
         raise RenormCompileError(f"renorm backend: {exc}") from exc

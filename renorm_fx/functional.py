@@ -24,9 +24,12 @@ gradient equals batchnorm's to float32 rounding.
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Proxy
@@ -128,31 +131,75 @@ class _BatchNormWithStats(torch.autograd.Function):
 def renorm_factors(
     batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor,
     r_max: Tensor, d_max: Tensor, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(r, d, sigma_B, sigma)``: the clipped correction and the two deviations."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(r, d, sigma_B, sigma, clipped)``: the clipped correction, the two deviations, and
+    which channels the clip changed."""
     sigma_b = _named(torch.sqrt(batch_var + eps), "sigma_b")
     sigma = _named(torch.sqrt(running_var + eps), "sigma")
-    r = _named(stop_gradient(torch.clamp(sigma_b / sigma, r_max.reciprocal(), r_max)), "r")
-    d = _named(stop_gradient(torch.clamp((batch_mean - running_mean) / sigma, -d_max, d_max)), "d")
-    return r, d, sigma_b, sigma
+    r_raw = sigma_b / sigma
+    d_raw = (batch_mean - running_mean) / sigma
+    r = _named(stop_gradient(torch.clamp(r_raw, r_max.reciprocal(), r_max)), "r")
+    d = _named(stop_gradient(torch.clamp(d_raw, -d_max, d_max)), "d")
+    clipped = _named((r != r_raw) | (d != d_raw), "clipped")
+    return r, d, sigma_b, sigma, clipped
 
 
 def update_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
     batch_mean: Tensor, batch_var: Tensor, sigma_b: Tensor, sigma: Tensor,
     momentum: float, eps: float, running_stats: str, count: Optional[int] = None,
-) -> None:
-    """Move the running statistics toward the batch's, in place (after the forward)."""
+) -> Tensor:
+    """Move the running statistics toward the batch's, in place (after the forward).
+
+    A batch whose moments are not finite (NaN / Inf in the input) changes nothing: the
+    statistics and the step keep their last good values. Returns that flag (0-d bool).
+    """
+    finite = _named(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all(), "finite")
     keep = 1.0 - momentum
-    running_mean.copy_(running_mean * keep + batch_mean * momentum)
+    new_mean = running_mean * keep + batch_mean * momentum
     if running_stats == "sigma":
         new_sigma = sigma * keep + sigma_b * momentum
-        running_var.copy_(torch.clamp_min(new_sigma * new_sigma - eps, 0.0))
+        new_var = torch.clamp_min(new_sigma * new_sigma - eps, 0.0)
     else:  # batchnorm's own: the unbiased variance, averaged
         unbiased = batch_var * (count / (count - 1)) if count is not None else batch_var
-        running_var.copy_(running_var * keep + unbiased * momentum)
+        new_var = running_var * keep + unbiased * momentum
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+        num_batches_tracked.add_(finite)
+    return finite
+
+
+def record_diagnostics_(diagnostics: Tensor, nonfinite: Tensor, r: Tensor, d: Tensor, clipped: Tensor,
+                        finite: Tensor) -> None:
+    """Keep the last good step's ``r``, ``d`` and clip flags (rows of ``diagnostics``, shape (3, C))
+    and count the skipped non-finite batches in ``nonfinite``."""
+    diagnostics.copy_(torch.where(finite, torch.stack([r, d, clipped.to(r.dtype)]), diagnostics))
+    nonfinite.add_(~finite)
+
+
+_WARNED: "weakref.WeakSet[Tensor]" = weakref.WeakSet()
+
+
+@graph_leaf
+def report_nonfinite(nonfinite: Tensor, layer: str) -> None:
+    """Warn once per layer when it has skipped a non-finite batch.
+
+    Reads one number (a host sync); under torch.compile, Dynamo runs it after the graph
+    (it is registered in ``torch._dynamo.config.reorderable_logging_functions``).
+    """
+    if nonfinite not in _WARNED and bool(nonfinite > 0):
+        _WARNED.add(nonfinite)
+        warnings.warn(
+            f"renorm layer {layer!r}: a training batch had non-finite values (NaN/Inf); its running "
+            f"statistics and step were left unchanged (the last good ones are kept). The batch's output "
+            f"is not finite: check the loss. (Warned once per layer; renorm_fx.diagnostics() counts them.)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+torch._dynamo.config.reorderable_logging_functions.add(report_nonfinite)
 
 
 @graph_leaf
@@ -175,22 +222,30 @@ def batch_renorm_train(
     layer: str = "batch_renorm",
     ranks: Sequence[int] = (),
     running_stats: str = "sigma",
+    diagnostics: Optional[Tensor] = None,
+    nonfinite: Optional[Tensor] = None,
 ) -> Tensor:
     """One training step of batch renorm; updates the running statistics in place.
 
-    ``r_max`` and ``d_max`` are 0-d tensors (from a :class:`RenormSchedule`).
+    ``r_max`` and ``d_max`` are 0-d tensors (from a :class:`RenormSchedule`). Given
+    ``diagnostics`` (3, C) and ``nonfinite`` (0-d int) buffers, records the step's ``r``,
+    ``d`` and clipped channels, and counts (and warns once about) skipped non-finite batches.
     """
     moments = batch_moments(x, running_mean, layer, tuple(ranks))
     batch_mean, batch_var = _named(moments[0], "batch_mean"), _named(moments[1], "batch_var")
-    r, d, sigma_b, sigma = renorm_factors(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
+    r, d, sigma_b, sigma, clipped = renorm_factors(
+        batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
     scale, shift = (r, d) if weight is None else (_named(weight * r, "scale"), weight * d)
     if bias is not None:
         shift = _named(shift + bias, "shift")
     # Reduced-precision inputs get float32 scale / shift, which batch_norm accepts (as for autocast).
     y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps)
     count = values_per_channel(x) if running_stats == "variance" else None
-    update_running_stats_(
+    finite = update_running_stats_(
         running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma,
         momentum, eps, running_stats, count,
     )
+    if diagnostics is not None and nonfinite is not None:
+        record_diagnostics_(diagnostics, nonfinite, r, d, clipped, finite)
+        report_nonfinite(nonfinite, layer)
     return y

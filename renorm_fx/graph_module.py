@@ -54,6 +54,8 @@ class RenormGraphModule(fx.GraphModule):
         for node in eval_graph.nodes:
             if node.op in ("call_module", "get_attr"):
                 _copy_attr(root, self, node.target)  # the real modules, not bare containers
+        for site in sites:  # GraphModule copied them as persistent buffers
+            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite))
         self.source_graph = source_graph
         self.renorm_config = {"schedule": schedule, "momentum": momentum, "running_stats": running_stats,
                               "frozen": tuple(frozen)}

@@ -52,6 +52,8 @@ class RenormSite:
     momentum: float
     eps: float
     running_stats: str = "sigma"
+    diagnostics: str = ""  # qualified name of the (3, C) buffer: last step's r, d, clipped flags
+    nonfinite: str = ""  # qualified name of the count of skipped non-finite batches
 
 
 def _ranks(module: nn.Module) -> tuple[int, ...]:
@@ -79,13 +81,26 @@ def _layer_name(mean: Any) -> Optional[str]:
     return None
 
 
-def _functional_step(root: nn.Module, graph: fx.Graph, node: fx.Node, mean: fx.Node, name: str) -> tuple[fx.Node, str]:
+def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) -> tuple[str, str]:
+    """Non-persistent buffers on ``root`` for a layer's diagnostics (not in ``state_dict``)."""
+    prefix = name.replace(".", "_")
+    targets = (f"{prefix}_renorm_diagnostics", f"{prefix}_renorm_nonfinite")
+    if not _has_attr(root, targets[0]):  # a copy of a converted model has them already
+        c, device = running_mean.shape[0], running_mean.device
+        root.register_buffer(targets[0], torch.zeros(3, c, device=device), persistent=False)
+        root.register_buffer(targets[1], torch.zeros((), dtype=torch.long, device=device), persistent=False)
+    return targets
+
+
+def _functional_step(
+    root: nn.Module, graph: fx.Graph, node: fx.Node, mean: fx.Node, name: str, new_buffers: bool
+) -> tuple[fx.Node, str]:
     """The step tensor of a functional batch-norm, and its qualified name.
 
     The ``num_batches_tracked`` beside the running mean when there is one (a module's
     buffer, or the one Dynamo lifted as an input: its ``add_(1)`` before the batch-norm is
     removed, since the renorm subgraph counts the step itself); otherwise a new step
-    buffer on ``root``.
+    buffer on ``root`` (with ``new_buffers=False``, an error).
     """
     if mean.op == "get_attr" and mean.target.endswith("running_mean"):
         target = mean.target[: -len("running_mean")] + "num_batches_tracked"
@@ -100,16 +115,18 @@ def _functional_step(root: nn.Module, graph: fx.Graph, node: fx.Node, mean: fx.N
                 if user.op == "call_method" and user.target == "add_" and user.args[1:] == (1,) and not user.users:
                     graph.erase_node(user)
             return step, sibling
-        if _DYNAMO_BUFFER.match(mean.name):
-            raise ValueError(
-                f"layer {name!r}: its num_batches_tracked is not in the graph torch.compile captured: "
-                f"Dynamo broke the graph inside the layer (a print, a .item(), or the float(num_batches_tracked) "
-                f"of a batchnorm with momentum=None), so its step cannot be counted. Remove the graph break "
-                f"(momentum=None: set a momentum such as 0.01), or renormify(model) first."
-            )
+    if not new_buffers:
+        raise ValueError(
+            f"layer {name!r}: its num_batches_tracked is not in the graph torch.compile captured, so its "
+            f"step cannot be counted. Either Dynamo broke the graph inside the layer (a print, a .item(), or "
+            f"the float(num_batches_tracked) of a batchnorm with momentum=None: remove the break, or set a "
+            f"momentum such as 0.01), or it is a functional batch_norm whose statistics have no "
+            f"num_batches_tracked beside them: renormify(model) first, which gives it a step buffer."
+        )
     target = name.replace(".", "_") + STEP_SUFFIX
     if not _has_attr(root, target):  # a copy of a converted model has it already
-        root.register_buffer(target, torch.zeros((), dtype=torch.long))
+        device = root.get_buffer(mean.target).device if mean.op == "get_attr" else None
+        root.register_buffer(target, torch.zeros((), dtype=torch.long, device=device))
     with graph.inserting_before(node):
         return graph.get_attr(target), target
 
@@ -129,6 +146,7 @@ def rewrite_batch_norms(
     momentum: Optional[float] = None,
     running_stats: str = "sigma",
     frozen: Collection[str] = (),
+    new_buffers: bool = True,
 ) -> tuple[list[RenormSite], list[str]]:
     """Rewrite the batch-norms of ``graph`` (owned by ``root``) in place.
 
@@ -136,7 +154,9 @@ def rewrite_batch_norms(
     ``root``. Functional batch-norms whose running statistics belong to no module
     with a ``num_batches_tracked`` get a step buffer registered on ``root``.
     Batch-norm modules named in ``frozen`` (in eval mode while the model trains)
-    are left as they are. Returns the converted sites and the names of the
+    are left as they are. ``new_buffers=False`` (graphs whose state the caller does
+    not own, such as Dynamo's) registers no buffers: no diagnostics are recorded,
+    and a functional batch-norm must have a ``num_batches_tracked`` beside it. Returns the converted sites and the names of the
     skipped ones.
     """
     if running_stats not in RUNNING_STATS:
@@ -184,7 +204,7 @@ def rewrite_batch_norms(
                 skipped.append(name)
                 continue
             alpha, eps, ranks = a["momentum"] if momentum is None else momentum, a["eps"], ()
-            step, step_target = _functional_step(root, graph, node, mean, name)
+            step, step_target = _functional_step(root, graph, node, mean, name, new_buffers)
         else:
             continue
 
@@ -196,6 +216,13 @@ def rewrite_batch_norms(
             )
         if not isinstance(alpha, (int, float)) or not isinstance(eps, (int, float)):
             raise ValueError(f"renormify: layer {name!r} needs constant momentum and eps, got {alpha!r}, {eps!r}")
+        diag_target = count_target = ""
+        diagnostics = nonfinite = None
+        if new_buffers:
+            diag_target, count_target = _diagnostic_buffers(
+                root, name, module.running_mean if node.op == "call_module" else root.get_buffer(mean.target))
+            with graph.inserting_before(node):
+                diagnostics, nonfinite = graph.get_attr(diag_target), graph.get_attr(count_target)
         first_new = node.prev
         with graph.inserting_before(node):
             bounds = proxy(graph.call_module(schedule, (step,)))
@@ -205,12 +232,14 @@ def rewrite_batch_norms(
             y = batch_renorm_train(
                 proxy(x), proxy(weight), proxy(bias), proxy(mean), proxy(var), proxy(step),
                 r_max, d_max, float(alpha), float(eps), name, ranks, running_stats,
+                proxy(diagnostics), proxy(nonfinite),
             )
         node.replace_all_uses_with(y.node)
         last_new = node.prev
         graph.erase_node(node)
         _prefix_names(first_new, last_new, name.replace(".", "_"))
-        sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats))
+        sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats,
+                                diag_target, count_target))
     graph.lint()
     return sites, skipped
 
