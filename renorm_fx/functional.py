@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Proxy
 
-from .ops import stop_gradient
+from . import ops
 
 __all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_"]
 
@@ -56,6 +56,9 @@ def graph_leaf(fn: _F) -> _F:
         return fn(*args)
 
     return wrapper  # type: ignore[return-value]
+
+
+stop_gradient = graph_leaf(ops.stop_gradient)
 
 
 def _named(value: Any, name: str) -> Any:

@@ -40,8 +40,16 @@ def _(x: Tensor) -> Tensor:
 # The paper's stop_gradient: the gradient through it is zero.
 _stop_gradient.register_autograd(lambda ctx, grad: None)
 
-#: ``x`` as a constant: no gradient flows through it, and compilers compute it once.
-stop_gradient = torch.ops.renorm_fx.stop_gradient
+
+def stop_gradient(x: Tensor) -> Tensor:
+    """``x`` as a constant: no gradient flows through it, and compilers compute it once.
+
+    Eagerly a ``detach`` (the operator's Python dispatch would cost ~50 us); while
+    compiling, the operator, which the partitioner cannot recompute.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.renorm_fx.stop_gradient(x)
+    return x.detach()
 
 
 @functools.cache

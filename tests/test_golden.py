@@ -52,10 +52,10 @@ def forward(self, x):
     bn_truediv_1 = bn_sub / bn_sigma;  bn_sub = None
     bn_reciprocal = bn_r_max.reciprocal()
     bn_clamp = torch.clamp(bn_truediv, bn_reciprocal, bn_r_max);  bn_reciprocal = bn_r_max = None
-    bn_r = torch.ops.renorm_fx.stop_gradient(bn_clamp);  bn_clamp = None
+    bn_r = renorm_fx_ops_stop_gradient(bn_clamp);  bn_clamp = None
     bn_neg = -bn_d_max
     bn_clamp_1 = torch.clamp(bn_truediv_1, bn_neg, bn_d_max);  bn_neg = bn_d_max = None
-    bn_d = torch.ops.renorm_fx.stop_gradient(bn_clamp_1);  bn_clamp_1 = None
+    bn_d = renorm_fx_ops_stop_gradient(bn_clamp_1);  bn_clamp_1 = None
     bn_ne = bn_r != bn_truediv;  bn_truediv = None
     bn_ne_1 = bn_d != bn_truediv_1;  bn_truediv_1 = None
     bn_clipped = bn_ne | bn_ne_1;  bn_ne = bn_ne_1 = None
@@ -126,10 +126,10 @@ def forward(self, x):
     batch_norm_truediv_1 = batch_norm_sub / batch_norm_sigma;  batch_norm_sub = None
     batch_norm_reciprocal = batch_norm_r_max.reciprocal()
     batch_norm_clamp = torch.clamp(batch_norm_truediv, batch_norm_reciprocal, batch_norm_r_max);  batch_norm_reciprocal = batch_norm_r_max = None
-    batch_norm_r = torch.ops.renorm_fx.stop_gradient(batch_norm_clamp);  batch_norm_clamp = None
+    batch_norm_r = renorm_fx_ops_stop_gradient(batch_norm_clamp);  batch_norm_clamp = None
     batch_norm_neg = -batch_norm_d_max
     batch_norm_clamp_1 = torch.clamp(batch_norm_truediv_1, batch_norm_neg, batch_norm_d_max);  batch_norm_neg = batch_norm_d_max = None
-    batch_norm_d = torch.ops.renorm_fx.stop_gradient(batch_norm_clamp_1);  batch_norm_clamp_1 = None
+    batch_norm_d = renorm_fx_ops_stop_gradient(batch_norm_clamp_1);  batch_norm_clamp_1 = None
     batch_norm_ne = batch_norm_r != batch_norm_truediv;  batch_norm_truediv = None
     batch_norm_ne_1 = batch_norm_d != batch_norm_truediv_1;  batch_norm_truediv_1 = None
     batch_norm_clipped = batch_norm_ne | batch_norm_ne_1;  batch_norm_ne = batch_norm_ne_1 = None
