@@ -5,18 +5,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import RenormSync
 from .graph_module import RenormGraphModule
 from .schedule import RenormSchedule
 
 __all__ = ["renormify", "bounds", "diagnostics", "LayerDiagnostics", "RenormTraceError"]
 
 SCHEDULE_NAME = "renorm_schedule"
+SYNC_NAME = "renorm_sync"
 
 
 class RenormTraceError(RuntimeError):
@@ -58,6 +60,8 @@ def renormify(
     *,
     strict: bool = False,
     running_stats: str = "sigma",
+    sync: Optional[bool] = None,
+    process_group: Optional[Any] = None,
 ) -> nn.Module:
     """Turn every training-mode batch-norm of ``model`` into batch renorm.
 
@@ -74,6 +78,14 @@ def renormify(
             ``running_var = sigma**2 - eps``) or ``"variance"`` (batchnorm's: average
             the unbiased batch variance, so ``constant(1, 0)`` matches batchnorm's
             buffers too).
+        sync: batch statistics across processes (``torch.distributed``). ``False``: each
+            process normalizes over its own batch (the paper's setting); ``True``: every
+            layer's moments and gradient are those of the global batch of ``process_group``;
+            ``None`` (default): ``nn.SyncBatchNorm`` layers synchronize over their own
+            ``process_group``, the other layers do not. Without an initialized process
+            group, or with one process, nothing is synchronized or communicated.
+        process_group: the group ``sync=True`` synchronizes over; default the default
+            group, resolved when the model runs.
 
     Returns:
         A :class:`RenormGraphModule` with the same ``state_dict`` keys as ``model``
@@ -88,9 +100,13 @@ def renormify(
         raise TypeError(f"renormify: schedule must be a RenormSchedule, got {type(schedule).__name__}")
     if momentum is not None and not 0.0 < momentum <= 1.0:
         raise ValueError(f"renormify: momentum must be in (0, 1], got {momentum}")
+    if process_group is not None and sync is not True:
+        raise ValueError("renormify: process_group is the group sync=True synchronizes over; pass sync=True too.")
 
     was_training = model.training
-    root = model if inplace else copy.deepcopy(model)
+    # process groups (of SyncBatchNorm layers) are shared by the copy, never copied
+    groups = {id(m.process_group): m.process_group for m in model.modules() if isinstance(m, nn.SyncBatchNorm)}
+    root = model if inplace else copy.deepcopy(model, groups)
     try:
         eval_graph = _trace(root, training=False)
         train_graph = _trace(root, training=True)
@@ -104,7 +120,14 @@ def renormify(
     while hasattr(root, schedule_name):
         schedule_name = "_" + schedule_name
     root.add_module(schedule_name, schedule)
-    result = RenormGraphModule(root, train_graph, eval_graph, schedule_name, momentum, running_stats, frozen)
+    sync_name = ""
+    if sync:
+        sync_name = SYNC_NAME
+        while hasattr(root, sync_name):
+            sync_name = "_" + sync_name
+        root.add_module(sync_name, RenormSync(process_group))
+    result = RenormGraphModule(root, train_graph, eval_graph, schedule_name, momentum, running_stats, frozen,
+                               sync=sync_name, sync_batch_norm=sync is not False)
     result.train(was_training)
     if result.renorm_skipped:
         message = (
@@ -120,6 +143,7 @@ def renormify(
             warnings.warn(f"renormify: {type(model).__name__} has no batch-norm to convert; returned unchanged.",
                           stacklevel=2)
         root._modules.pop(schedule_name)
+        root._modules.pop(sync_name, None)
         return model
     return result
 

@@ -24,17 +24,16 @@ gradient equals batchnorm's to float32 rounding.
 from __future__ import annotations
 
 import functools
-import warnings
-import weakref
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
 
 from . import ops
+from .distributed import active_group, all_gather, all_reduce_sum
 
 __all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_"]
 
@@ -68,12 +67,8 @@ def _named(value: Any, name: str) -> Any:
     return value
 
 
-@graph_leaf
-def batch_moments(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Per-channel biased ``(mean, var)`` of ``x`` in float32 (or float64), without gradient.
-
-    Also checks the input the way batchnorm does, naming ``layer`` in the error.
-    """
+def _check_input(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[int], synced: bool) -> None:
+    """Check the input the way batchnorm does, naming ``layer`` in the error."""
     if ranks and x.dim() not in ranks:
         want = " or ".join(f"{r}D" for r in ranks)
         raise ValueError(f"renorm layer {layer!r}: expected {want} input (got {x.dim()}D input)")
@@ -85,12 +80,15 @@ def batch_moments(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[i
             f"{x.shape[1] if x.dim() > 1 else 'no'} channels (dim 1), but the layer's running "
             f"statistics have {running_mean.numel()}; pass (N, C, ...) input with C = {running_mean.numel()}."
         )
-    if x.numel() // x.shape[1] <= 1:
+    if not synced and x.numel() // x.shape[1] <= 1:  # synchronized: the global batch counts
         raise ValueError(
             f"renorm layer {layer!r}: Expected more than 1 value per channel when training, "
             f"got input size {tuple(x.shape)}"
         )
-    x = x.detach()
+
+
+def _local_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel biased ``(mean, var)`` of a detached ``x``, in float32 (or float64)."""
     acc = x.dtype if x.dtype == torch.float64 else torch.float32  # as batchnorm: float32 for half
     dims = [0, *range(2, x.dim())]
     if torch.compiler.is_compiling():
@@ -103,14 +101,61 @@ def batch_moments(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[i
     return mean, var
 
 
+def _combine_moments(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The global ``(mean, var, count)`` from each process's ``(count, mean, M2)`` (the rows of
+    ``stats``), combined exactly (Chan et al.): M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)."""
+    c = (stats.shape[1] - 1) // 2
+    counts, means, m2s = stats[:, :1], stats[:, 1 : c + 1], stats[:, c + 1 :]
+    seen = counts > 0  # a process with an empty batch contributes nothing
+    means, m2s = torch.where(seen, means, 0.0), torch.where(seen, m2s, 0.0)
+    count = counts.sum()
+    mean = (counts * means).sum(0) / count
+    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / count
+    return mean, var, count
+
+
 @graph_leaf
-def batch_norm_with_stats(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def batch_moments(
+    x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[int], sync: Optional[nn.Module] = None,
+) -> tuple[Tensor, ...]:
+    """Per-channel biased ``(mean, var)`` of ``x`` in float32 (or float64), without gradient.
+
+    Also checks the input the way batchnorm does, naming ``layer`` in the error. Given
+    ``sync`` (a module whose ``process_group`` names the group, see :mod:`renorm_fx.distributed`):
+    the moments of the global batch of every process in the group, from each one's count,
+    mean and M2 (one all-gather), and their count ``m`` as a third value (a 0-d tensor).
+    """
+    group = active_group(sync)
+    _check_input(x, running_mean, layer, ranks, synced=group is not None)
+    x = x.detach()
+    mean, var = _local_moments(x)
+    if sync is None:
+        return mean, var
+    count = x.numel() // x.shape[1]
+    if group is None:  # one process: its own batch is the global batch
+        return mean, var, mean.new_full((), count)
+    return _combine_moments(all_gather(torch.cat([mean.new_full((1,), count), mean, var * count]), group))
+
+
+@graph_leaf
+def batch_norm_with_stats(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+    sync: Optional[nn.Module] = None, count: Optional[Tensor] = None,
+) -> Tensor:
     """Training-mode batch_norm of ``x`` given its batch moments: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     The gradient is batchnorm's own (through the batch moments too). Unlike
     ``F.batch_norm`` it does not recompute the moments: one elementwise pass forward.
+    Given ``sync`` and the global ``count`` (global moments from :func:`batch_moments`),
+    the input's gradient is the global batch's: the backward all-reduces per-channel
+    ``sum(g)`` and ``sum(g * (x - mean))`` (one all-reduce of 2C values), as
+    ``nn.SyncBatchNorm``'s does; ``weight`` and ``bias`` get this process's share, which
+    DDP reduces with the other processes' gradients.
     """
-    return _BatchNormWithStats.apply(x, mean, var, weight, bias, eps)
+    group = active_group(sync)
+    if group is None:
+        return _BatchNormWithStats.apply(x, mean, var, weight, bias, eps)
+    return _SyncBatchNormWithStats.apply(x, mean, var, weight, bias, eps, count, group)
 
 
 class _BatchNormWithStats(torch.autograd.Function):
@@ -129,6 +174,37 @@ class _BatchNormWithStats(torch.autograd.Function):
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
         return gx, None, None, gw, gb, None
+
+
+class _SyncBatchNormWithStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                count: Tensor, group: Any) -> Tensor:
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.group = group
+        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        # g_x = (g - sum(g) / m - (x - mean) * invstd^2 * sum(g (x - mean)) / m) * invstd * weight,
+        # the sums and m over the global batch
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        channel = (1, -1, *([1] * (x.dim() - 2)))
+        dims = [0, *range(2, x.dim())]
+        xmu = x - mean.view(channel)
+        sum_g, sum_gxmu = grad.sum(dims, dtype=mean.dtype), (grad * xmu).sum(dims, dtype=mean.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # the same on every process, so all of them reduce
+            total_g, total_gxmu = all_reduce_sum(torch.cat([sum_g, sum_gxmu]), ctx.group).chunk(2)
+            gx = grad - (total_g / count).view(channel) - xmu * (invstd.square() * total_gxmu / count).view(channel)
+            gx = (gx * (invstd * weight).view(channel)).to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            gw = sum_gxmu * invstd
+        if ctx.needs_input_grad[4]:
+            gb = sum_g
+        return gx, None, None, gw, gb, None, None, None
 
 
 def renorm_factors(
@@ -150,7 +226,7 @@ def renorm_factors(
 def update_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
     batch_mean: Tensor, batch_var: Tensor, sigma_b: Tensor, sigma: Tensor,
-    momentum: float, eps: float, running_stats: str, count: Optional[int] = None,
+    momentum: float, eps: float, running_stats: str, count: Optional[int | Tensor] = None,
 ) -> Tensor:
     """Move the running statistics toward the batch's, in place (after the forward).
 
@@ -181,28 +257,7 @@ def record_diagnostics_(diagnostics: Tensor, nonfinite: Tensor, r: Tensor, d: Te
     nonfinite.add_(~finite)
 
 
-_WARNED: "weakref.WeakSet[Tensor]" = weakref.WeakSet()
-
-
-@graph_leaf
-def report_nonfinite(nonfinite: Tensor, layer: str) -> None:
-    """Warn once per layer when it has skipped a non-finite batch.
-
-    Reads one number (a host sync); under torch.compile, Dynamo runs it after the graph
-    (it is registered in ``torch._dynamo.config.reorderable_logging_functions``).
-    """
-    if nonfinite not in _WARNED and bool(nonfinite > 0):
-        _WARNED.add(nonfinite)
-        warnings.warn(
-            f"renorm layer {layer!r}: a training batch had non-finite values (NaN/Inf); its running "
-            f"statistics and step were left unchanged (the last good ones are kept). The batch's output "
-            f"is not finite: check the loss. (Warned once per layer; renorm_fx.diagnostics() counts them.)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-torch._dynamo.config.reorderable_logging_functions.add(report_nonfinite)
+report_nonfinite = graph_leaf(ops.report_nonfinite)
 
 
 @graph_leaf
@@ -227,28 +282,40 @@ def batch_renorm_train(
     running_stats: str = "sigma",
     diagnostics: Optional[Tensor] = None,
     nonfinite: Optional[Tensor] = None,
+    sync: Optional[nn.Module] = None,
 ) -> Tensor:
     """One training step of batch renorm; updates the running statistics in place.
 
     ``r_max`` and ``d_max`` are 0-d tensors (from a :class:`RenormSchedule`). Given
     ``diagnostics`` (3, C) and ``nonfinite`` (0-d int) buffers, records the step's ``r``,
-    ``d`` and clipped channels, and counts (and warns once about) skipped non-finite batches.
+    ``d`` and clipped channels, and counts skipped non-finite batches (see
+    :func:`report_nonfinite`, which the pass calls once per forward). Given ``sync`` (a module
+    whose ``process_group`` names a group, see :mod:`renorm_fx.distributed`), the batch is the
+    global batch of the group's processes: its moments, the gradient and the update.
     """
-    moments = batch_moments(x, running_mean, layer, tuple(ranks))
+    if sync is None:
+        moments = batch_moments(x, running_mean, layer, tuple(ranks))
+    else:  # the global batch's moments, and its count
+        moments = batch_moments(x, running_mean, layer, tuple(ranks), sync)
     batch_mean, batch_var = _named(moments[0], "batch_mean"), _named(moments[1], "batch_var")
+    batch_count = None if sync is None else _named(moments[2], "batch_count")
     r, d, sigma_b, sigma, clipped = renorm_factors(
         batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
     scale, shift = (r, d) if weight is None else (_named(weight * r, "scale"), weight * d)
     if bias is not None:
         shift = _named(shift + bias, "shift")
     # Reduced-precision inputs get float32 scale / shift, which batch_norm accepts (as for autocast).
-    y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps)
-    count = values_per_channel(x) if running_stats == "variance" else None
+    if sync is None:
+        y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps)
+    else:  # the global batch's gradient
+        y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps, sync, batch_count)
+    count = None
+    if running_stats == "variance":  # the unbiased variance needs m
+        count = values_per_channel(x) if sync is None else batch_count
     finite = update_running_stats_(
         running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma,
         momentum, eps, running_stats, count,
     )
     if diagnostics is not None and nonfinite is not None:
         record_diagnostics_(diagnostics, nonfinite, r, d, clipped, finite)
-        report_nonfinite(nonfinite, layer)
     return y

@@ -32,7 +32,8 @@ class RenormGraphModule(fx.GraphModule):
     ``renorm_sites`` maps each converted layer to its step buffer and settings;
     ``renorm_skipped`` lists batch-norms left alone (no running statistics).
     ``root`` must hold a :class:`RenormSchedule` at ``schedule``; batch-norm modules
-    named in ``frozen`` stay batchnorm.
+    named in ``frozen`` stay batchnorm. ``sync`` and ``sync_batch_norm`` choose the layers
+    whose statistics are synchronized across processes (see ``rewrite_batch_norms``).
     """
 
     def __init__(
@@ -45,9 +46,12 @@ class RenormGraphModule(fx.GraphModule):
         running_stats: str = "sigma",
         frozen: tuple[str, ...] = (),
         class_name: str = "RenormGraphModule",
+        sync: str = "",
+        sync_batch_norm: bool = True,
     ) -> None:
         train_graph = copy.deepcopy(source_graph)
-        sites, skipped = rewrite_batch_norms(root, train_graph, schedule, momentum, running_stats, frozen)
+        sites, skipped = rewrite_batch_norms(root, train_graph, schedule, momentum, running_stats, frozen,
+                                             sync=sync, sync_batch_norm=sync_batch_norm)
         # recompile() (run by GraphModule.__init__) needs the eval graph.
         self.__dict__["eval_graph"] = eval_graph
         super().__init__(root, train_graph, class_name)
@@ -55,10 +59,15 @@ class RenormGraphModule(fx.GraphModule):
             if node.op in ("call_module", "get_attr"):
                 _copy_attr(root, self, node.target)  # the real modules, not bare containers
         for site in sites:  # GraphModule copied them as persistent buffers
-            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite))
+            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite, site.nonfinite + "_token"))
+        # Diagnostics are each process's own: DDP must not overwrite them with rank 0's every forward.
+        prefixes = tuple(name for site in sites for name in (site.diagnostics, site.nonfinite))
+        own = sorted(b for b in self._non_persistent_buffers_set if b.startswith(prefixes))
+        ignored = [*getattr(root, "_ddp_params_and_buffers_to_ignore", ()), *own]
+        self._ddp_params_and_buffers_to_ignore = list(dict.fromkeys(ignored))
         self.source_graph = source_graph
         self.renorm_config = {"schedule": schedule, "momentum": momentum, "running_stats": running_stats,
-                              "frozen": tuple(frozen)}
+                              "frozen": tuple(frozen), "sync": sync, "sync_batch_norm": sync_batch_norm}
         self.renorm_sites: dict[str, RenormSite] = {s.name: s for s in sites}
         self.renorm_skipped: list[str] = skipped
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._library.effects import EffectType
 
-__all__ = ["stop_gradient"]
+__all__ = ["stop_gradient", "report_nonfinite"]
 
 
 @torch.library.custom_op("renorm_fx::stop_gradient", mutates_args=())
@@ -59,3 +62,54 @@ def register_inductor_lowering() -> None:
 
     clone = lowerings[torch.ops.aten.clone.default]
     user_lowerings[torch.ops.renorm_fx.stop_gradient.default] = lambda x: clone(x)
+
+
+# ---- warnings about skipped non-finite batches ------------------------------------------------
+
+# The layers already warned about, by the address of a per-layer token buffer: compiled code
+# passes new tensors for the counts, but the untouched token buffers themselves.
+_WARNED: set[int] = set()
+
+
+def _warn_nonfinite(counts: list[Tensor], tokens: list[Tensor], layers: str, after: Optional[Tensor] = None) -> None:
+    """Warn once per layer whose count of skipped non-finite batches is positive
+    (reads the counts: one host sync)."""
+    values = torch.stack([c.reshape(()) for c in counts]).tolist()
+    for name, count, token in zip(layers.split(","), values, tokens):
+        if count > 0 and token.data_ptr() not in _WARNED:
+            _WARNED.add(token.data_ptr())
+            warnings.warn(
+                f"renorm layer {name!r}: a training batch had non-finite values (NaN/Inf); its running "
+                f"statistics and step were left unchanged (the last good ones are kept). The batch's "
+                f"output is not finite: check the loss. (Warned once per layer; renorm_fx.diagnostics() "
+                f"counts them.)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+@torch.library.custom_op("renorm_fx::warn_nonfinite", mutates_args=())
+def _warn_nonfinite_op(counts: list[Tensor], tokens: list[Tensor], layers: str, after: Optional[Tensor]) -> None:
+    _warn_nonfinite(counts, tokens, layers)
+
+
+@_warn_nonfinite_op.register_fake
+def _(counts: list[Tensor], tokens: list[Tensor], layers: str, after: Optional[Tensor]) -> None:
+    return None
+
+
+# An ordered side effect: compilers keep it (it returns nothing) and run it in order.
+torch.library._register_effectful_op("renorm_fx::warn_nonfinite", EffectType.ORDERED)
+
+
+def report_nonfinite(counts: list[Tensor], tokens: list[Tensor], layers: str, after: Optional[Tensor] = None) -> None:
+    """Warn once per layer (``layers``: comma-separated names) that skipped a non-finite batch.
+
+    One call per forward; ``tokens`` are per-layer buffers that identify the layers. While
+    compiling, an effectful operator (no graph break) that waits for ``after`` (the last
+    layer's output), so that Inductor does not split the layers' fused kernels around it.
+    """
+    if torch.compiler.is_compiling():
+        torch.ops.renorm_fx.warn_nonfinite(counts, tokens, layers, after)
+    else:
+        _warn_nonfinite(counts, tokens, layers)

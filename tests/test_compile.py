@@ -44,7 +44,10 @@ def reference():
     torch.manual_seed(0)
     base = models.scramble_stats(models.SmallCNN())  # r and d clip on some channels
     eager = renormify(base, SCHEDULE)
-    return base, _train(eager, eager)
+    run = _train(eager, eager)
+    clipped = [d.clipped_fraction for d in renorm_fx.diagnostics(eager).values()]
+    assert max(clipped) > 0  # the clip is active: r and d are not batchnorm's 1 and 0
+    return base, run
 
 
 def _assert_same_run(got, want):

@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import RUNNING_STATS, batch_renorm_train
+from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
 
 __all__ = ["RenormSite", "rewrite_batch_norms", "BATCH_NORM_FUNCTIONS", "STEP_SUFFIX"]
 
@@ -54,6 +54,7 @@ class RenormSite:
     running_stats: str = "sigma"
     diagnostics: str = ""  # qualified name of the (3, C) buffer: last step's r, d, clipped flags
     nonfinite: str = ""  # qualified name of the count of skipped non-finite batches
+    sync: str = ""  # qualified name of the module whose process_group it synchronizes over ("": local)
 
 
 def _ranks(module: nn.Module) -> tuple[int, ...]:
@@ -89,6 +90,8 @@ def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) 
         c, device = running_mean.shape[0], running_mean.device
         root.register_buffer(targets[0], torch.zeros(3, c, device=device), persistent=False)
         root.register_buffer(targets[1], torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        root.register_buffer(targets[1] + "_token", torch.zeros((), dtype=torch.long, device=device),
+                             persistent=False)
     return targets
 
 
@@ -147,6 +150,8 @@ def rewrite_batch_norms(
     running_stats: str = "sigma",
     frozen: Collection[str] = (),
     new_buffers: bool = True,
+    sync: str = "",
+    sync_batch_norm: bool = True,
 ) -> tuple[list[RenormSite], list[str]]:
     """Rewrite the batch-norms of ``graph`` (owned by ``root``) in place.
 
@@ -158,6 +163,11 @@ def rewrite_batch_norms(
     not own, such as Dynamo's) registers no buffers: no diagnostics are recorded,
     and a functional batch-norm must have a ``num_batches_tracked`` beside it. Returns the converted sites and the names of the
     skipped ones.
+
+    ``sync`` names a :class:`~renorm_fx.distributed.RenormSync` submodule of ``root``: every
+    layer takes its statistics over its process group. Without it, ``nn.SyncBatchNorm``
+    layers synchronize over their own ``process_group`` if ``sync_batch_norm``, and the
+    other layers use this process's batch.
     """
     if running_stats not in RUNNING_STATS:
         raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
@@ -188,6 +198,7 @@ def rewrite_batch_norms(
                 mean, var = get("running_mean"), get("running_var")
                 step = get("num_batches_tracked")
             ranks, eps, step_target = _ranks(module), module.eps, f"{name}.num_batches_tracked"
+            group = sync or (name if sync_batch_norm and isinstance(module, nn.SyncBatchNorm) else "")
         elif node.op == "call_function" and node.target in BATCH_NORM_FUNCTIONS:
             bound = BATCH_NORM_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
             bound.apply_defaults()
@@ -205,6 +216,7 @@ def rewrite_batch_norms(
                 continue
             alpha, eps, ranks = a["momentum"] if momentum is None else momentum, a["eps"], ()
             step, step_target = _functional_step(root, graph, node, mean, name, new_buffers)
+            group = sync
         else:
             continue
 
@@ -223,6 +235,11 @@ def rewrite_batch_norms(
                 root, name, module.running_mean if node.op == "call_module" else root.get_buffer(mean.target))
             with graph.inserting_before(node):
                 diagnostics, nonfinite = graph.get_attr(diag_target), graph.get_attr(count_target)
+        group_node = None
+        if group:  # the module holding the process group (read at run time)
+            with graph.inserting_before(node):
+                group_node = graph.get_attr(group)
+            group_node._rename(f"{name.replace('.', '_')}_sync")
         first_new = node.prev
         with graph.inserting_before(node):
             bounds = proxy(graph.call_module(schedule, (step,)))
@@ -232,14 +249,22 @@ def rewrite_batch_norms(
             y = batch_renorm_train(
                 proxy(x), proxy(weight), proxy(bias), proxy(mean), proxy(var), proxy(step),
                 r_max, d_max, float(alpha), float(eps), name, ranks, running_stats,
-                proxy(diagnostics), proxy(nonfinite),
+                proxy(diagnostics), proxy(nonfinite), proxy(group_node),
             )
         node.replace_all_uses_with(y.node)
+        last_output = y.node
         last_new = node.prev
         graph.erase_node(node)
         _prefix_names(first_new, last_new, name.replace(".", "_"))
         sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats,
-                                diag_target, count_target))
+                                diag_target, count_target, group))
+    counted = list({s.name: s for s in sites if s.nonfinite}.values())  # a layer used twice: once
+    if counted:  # one warning check per forward, after every update
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        with graph.inserting_before(output):
+            counts = [graph.get_attr(s.nonfinite) for s in counted]
+            tokens = [graph.get_attr(s.nonfinite + "_token") for s in counted]
+            graph.call_function(report_nonfinite, (counts, tokens, ",".join(s.name for s in counted), last_output))
     graph.lint()
     return sites, skipped
 
