@@ -7,7 +7,8 @@ normalization layer on a fixed input and output gradient (and, for the network
 row, a ResNet-style CNN's forward + backward). Times are medians; ratios are
 against eager ``nn.BatchNorm2d`` and compiled ``nn.BatchNorm2d`` measured in the
 same run. Kernel counts are the fused C++ kernels Inductor generates for the
-forward and the backward. Peak memory is the most the step allocates above what
+forward and the backward. The "no NaN guard" rows price the non-finite guard (on by
+default): compare them with the "renormify compiled" rows. Peak memory is the most the step allocates above what
 it starts with (from the profiler's allocation events).
 """
 
@@ -99,6 +100,8 @@ def layer_rows(shape: tuple[int, ...], reps: int) -> list[dict]:
         "plain renorm compiled": torch.compile(PlainRenorm(c)),
         "renormify eager": renorm,
         "renormify compiled": torch.compile(copy.deepcopy(renorm)),
+        "renormify compiled, no NaN guard": torch.compile(
+            renormify(nn.Sequential(nn.BatchNorm2d(c)), SCHEDULE, nonfinite_guard=False)),
         "backend='renorm'": torch.compile(copy.deepcopy(bn), backend="renorm",
                                           options={"schedule": SCHEDULE}),
     }
@@ -154,6 +157,7 @@ def network_rows(reps: int) -> list[dict]:
         "batchnorm compiled": torch.compile(copy.deepcopy(net)),
         "renormify eager": renormify(net, SCHEDULE),
         "renormify compiled": torch.compile(renormify(net, SCHEDULE)),
+        "renormify compiled, no NaN guard": torch.compile(renormify(net, SCHEDULE, nonfinite_guard=False)),
         "backend='renorm'": torch.compile(copy.deepcopy(net), backend="renorm", options={"schedule": SCHEDULE}),
     }
     steps = {}

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import RenormSync
 from .graph_module import RenormGraphModule
+from .passes.renorm_pass import RenormOptions
 from .schedule import RenormSchedule
 
 __all__ = ["renormify", "bounds", "diagnostics", "LayerDiagnostics", "RenormTraceError"]
@@ -62,6 +63,7 @@ def renormify(
     running_stats: str = "sigma",
     sync: Optional[bool] = None,
     process_group: Optional[Any] = None,
+    nonfinite_guard: bool = True,
 ) -> nn.Module:
     """Turn every training-mode batch-norm of ``model`` into batch renorm.
 
@@ -86,6 +88,9 @@ def renormify(
             group, or with one process, nothing is synchronized or communicated.
         process_group: the group ``sync=True`` synchronizes over; default the default
             group, resolved when the model runs.
+        nonfinite_guard: a training batch with NaN / Inf leaves the running statistics and
+            the step unchanged, with a warning once per layer. ``False`` lets such a batch
+            into the statistics, as batchnorm does (it saves a few per-channel operations).
 
     Returns:
         A :class:`RenormGraphModule` with the same ``state_dict`` keys as ``model``
@@ -126,8 +131,9 @@ def renormify(
         while hasattr(root, sync_name):
             sync_name = "_" + sync_name
         root.add_module(sync_name, RenormSync(process_group))
-    result = RenormGraphModule(root, train_graph, eval_graph, schedule_name, momentum, running_stats, frozen,
-                               sync=sync_name, sync_batch_norm=sync is not False)
+    options = RenormOptions(schedule_name, momentum, running_stats, frozen, sync=sync_name,
+                            sync_batch_norm=sync is not False, nonfinite_guard=nonfinite_guard)
+    result = RenormGraphModule(root, train_graph, eval_graph, options)
     result.train(was_training)
     if result.renorm_skipped:
         message = (

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import fx
 
-from .passes.renorm_pass import rewrite_batch_norms
+from .passes.renorm_pass import RenormOptions, rewrite_batch_norms
 from .schedule import RenormSchedule
 
 __all__ = ["renorm_backend", "RenormCompileError"]
@@ -49,9 +49,9 @@ def rewrite_captured_graph(gm: fx.GraphModule, options: Optional[dict[str, Any]]
         name = "_" + name
     gm.add_module(name, schedule)
     try:
-        sites, _ = rewrite_batch_norms(
-            gm, gm.graph, name, options.get("momentum"), options.get("running_stats", "sigma"), new_buffers=False
-        )
+        pass_options = RenormOptions(name, options.get("momentum"), options.get("running_stats", "sigma"),
+                                     new_buffers=False)
+        sites, _ = rewrite_batch_norms(gm, gm.graph, pass_options)
     except (ValueError, TypeError) as exc:
         raise RenormCompileError(f"renorm backend: {exc}") from exc
     if not sites:

@@ -227,13 +227,14 @@ def update_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
     batch_mean: Tensor, batch_var: Tensor, sigma_b: Tensor, sigma: Tensor,
     momentum: float, eps: float, running_stats: str, count: Optional[int | Tensor] = None,
-) -> Tensor:
+    guard: bool = True,
+) -> Optional[Tensor]:
     """Move the running statistics toward the batch's, in place (after the forward).
 
-    A batch whose moments are not finite (NaN / Inf in the input) changes nothing: the
-    statistics and the step keep their last good values. Returns that flag (0-d bool).
+    With ``guard``, a batch whose moments are not finite (NaN / Inf in the input) changes
+    nothing: the statistics and the step keep their last good values; returns that flag
+    (0-d bool). Without, returns None.
     """
-    finite = _named(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all(), "finite")
     keep = 1.0 - momentum
     new_mean = running_mean * keep + batch_mean * momentum
     if running_stats == "sigma":
@@ -242,6 +243,13 @@ def update_running_stats_(
     else:  # batchnorm's own: the unbiased variance, averaged
         unbiased = batch_var * (count / (count - 1)) if count is not None else batch_var
         new_var = running_var * keep + unbiased * momentum
+    if not guard:
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return None
+    finite = _named(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all(), "finite")
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
     if num_batches_tracked is not None:
@@ -250,10 +258,14 @@ def update_running_stats_(
 
 
 def record_diagnostics_(diagnostics: Tensor, nonfinite: Tensor, r: Tensor, d: Tensor, clipped: Tensor,
-                        finite: Tensor) -> None:
+                        finite: Optional[Tensor]) -> None:
     """Keep the last good step's ``r``, ``d`` and clip flags (rows of ``diagnostics``, shape (3, C))
-    and count the skipped non-finite batches in ``nonfinite``."""
-    diagnostics.copy_(torch.where(finite, torch.stack([r, d, clipped.to(r.dtype)]), diagnostics))
+    and count the skipped non-finite batches in ``nonfinite`` (``finite=None``: no guard)."""
+    step = torch.stack([r, d, clipped.to(r.dtype)])
+    if finite is None:
+        diagnostics.copy_(step)
+        return
+    diagnostics.copy_(torch.where(finite, step, diagnostics))
     nonfinite.add_(~finite)
 
 
@@ -283,6 +295,7 @@ def batch_renorm_train(
     diagnostics: Optional[Tensor] = None,
     nonfinite: Optional[Tensor] = None,
     sync: Optional[nn.Module] = None,
+    nonfinite_guard: bool = True,
 ) -> Tensor:
     """One training step of batch renorm; updates the running statistics in place.
 
@@ -292,6 +305,7 @@ def batch_renorm_train(
     :func:`report_nonfinite`, which the pass calls once per forward). Given ``sync`` (a module
     whose ``process_group`` names a group, see :mod:`renorm_fx.distributed`), the batch is the
     global batch of the group's processes: its moments, the gradient and the update.
+    ``nonfinite_guard``: see :func:`update_running_stats_`.
     """
     if sync is None:
         moments = batch_moments(x, running_mean, layer, tuple(ranks))
@@ -314,7 +328,7 @@ def batch_renorm_train(
         count = values_per_channel(x) if sync is None else batch_count
     finite = update_running_stats_(
         running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma,
-        momentum, eps, running_stats, count,
+        momentum, eps, running_stats, count, nonfinite_guard,
     )
     if diagnostics is not None and nonfinite is not None:
         record_diagnostics_(diagnostics, nonfinite, r, d, clipped, finite)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from torch import fx, nn
 from torch.fx.graph_module import _copy_attr, _forward_from_src, reduce_graph_module
 
-from .passes.renorm_pass import STEP_SUFFIX, RenormSite, rewrite_batch_norms
+from .passes.renorm_pass import STEP_SUFFIX, RenormOptions, RenormSite, rewrite_batch_norms
 
 __all__ = ["RenormGraphModule"]
 
@@ -31,9 +31,8 @@ class RenormGraphModule(fx.GraphModule):
 
     ``renorm_sites`` maps each converted layer to its step buffer and settings;
     ``renorm_skipped`` lists batch-norms left alone (no running statistics).
-    ``root`` must hold a :class:`RenormSchedule` at ``schedule``; batch-norm modules
-    named in ``frozen`` stay batchnorm. ``sync`` and ``sync_batch_norm`` choose the layers
-    whose statistics are synchronized across processes (see ``rewrite_batch_norms``).
+    ``options`` say how the pass rewrites (see :class:`RenormOptions`); ``root`` must hold
+    a :class:`RenormSchedule` at ``options.schedule``.
     """
 
     def __init__(
@@ -41,17 +40,11 @@ class RenormGraphModule(fx.GraphModule):
         root: nn.Module,
         source_graph: fx.Graph,
         eval_graph: fx.Graph,
-        schedule: str,
-        momentum: Optional[float] = None,
-        running_stats: str = "sigma",
-        frozen: tuple[str, ...] = (),
+        options: RenormOptions,
         class_name: str = "RenormGraphModule",
-        sync: str = "",
-        sync_batch_norm: bool = True,
     ) -> None:
         train_graph = copy.deepcopy(source_graph)
-        sites, skipped = rewrite_batch_norms(root, train_graph, schedule, momentum, running_stats, frozen,
-                                             sync=sync, sync_batch_norm=sync_batch_norm)
+        sites, skipped = rewrite_batch_norms(root, train_graph, options)
         # recompile() (run by GraphModule.__init__) needs the eval graph.
         self.__dict__["eval_graph"] = eval_graph
         super().__init__(root, train_graph, class_name)
@@ -66,8 +59,7 @@ class RenormGraphModule(fx.GraphModule):
         ignored = [*getattr(root, "_ddp_params_and_buffers_to_ignore", ()), *own]
         self._ddp_params_and_buffers_to_ignore = list(dict.fromkeys(ignored))
         self.source_graph = source_graph
-        self.renorm_config = {"schedule": schedule, "momentum": momentum, "running_stats": running_stats,
-                              "frozen": tuple(frozen), "sync": sync, "sync_batch_norm": sync_batch_norm}
+        self.renorm_options = options
         self.renorm_sites: dict[str, RenormSite] = {s.name: s for s in sites}
         self.renorm_skipped: list[str] = skipped
 
@@ -98,7 +90,7 @@ class RenormGraphModule(fx.GraphModule):
         def init(res: "RenormGraphModule", fake_mod: nn.Module, graph: fx.Graph) -> None:
             body = fake_mod.__dict__
             RenormGraphModule.__init__(res, fake_mod, body["source_graph"], body["eval_graph"],
-                                       **body["renorm_config"])
+                                       body["renorm_options"])
 
         return init
 
@@ -111,7 +103,7 @@ class RenormGraphModule(fx.GraphModule):
         return (_rebuild, (body, source[0]["_code"], source[1], evalm[0]["_code"], evalm[1]))
 
     def __copy__(self) -> "RenormGraphModule":
-        res = RenormGraphModule(self, self.source_graph, self.eval_graph, **self.renorm_config)
+        res = RenormGraphModule(self, self.source_graph, self.eval_graph, self.renorm_options)
         res.train(self.training)
         return res
 
@@ -119,6 +111,6 @@ class RenormGraphModule(fx.GraphModule):
 def _rebuild(body: dict, source_src: str, source_imports: str, eval_src: str, eval_imports: str) -> RenormGraphModule:
     source = reduce_graph_module(dict(body, _code=source_src), source_imports)
     evalm = reduce_graph_module(dict(body, _code=eval_src), eval_imports)
-    module = RenormGraphModule(source, source.graph, evalm.graph, **body["renorm_config"])
+    module = RenormGraphModule(source, source.graph, evalm.graph, body["renorm_options"])
     module.train(body.get("training", True))
     return module

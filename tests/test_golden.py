@@ -63,13 +63,8 @@ def forward(self, x):
     bn_mul = bn_weight * bn_d;  bn_weight = None
     bn_shift = bn_mul + bn_bias;  bn_mul = bn_bias = None
     bn_batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(conv, bn_batch_mean, bn_batch_var, bn_scale, bn_shift, 1e-05);  conv = bn_scale = bn_shift = None
-    bn_isfinite = torch.isfinite(bn_batch_mean)
-    bn_all = bn_isfinite.all();  bn_isfinite = None
-    bn_isfinite_1 = torch.isfinite(bn_batch_var);  bn_batch_var = None
-    bn_all_1 = bn_isfinite_1.all();  bn_isfinite_1 = None
-    bn_finite = bn_all & bn_all_1;  bn_all = bn_all_1 = None
     bn_mul_1 = bn_running_mean * 0.9
-    bn_mul_2 = bn_batch_mean * 0.1;  bn_batch_mean = None
+    bn_mul_2 = bn_batch_mean * 0.1
     bn_add_2 = bn_mul_1 + bn_mul_2;  bn_mul_1 = bn_mul_2 = None
     bn_mul_3 = bn_sigma * 0.9;  bn_sigma = None
     bn_mul_4 = bn_sigma_b * 0.1;  bn_sigma_b = None
@@ -77,6 +72,11 @@ def forward(self, x):
     bn_mul_5 = bn_add_3 * bn_add_3;  bn_add_3 = None
     bn_sub_1 = bn_mul_5 - 1e-05;  bn_mul_5 = None
     bn_clamp_min = torch.clamp_min(bn_sub_1, 0.0);  bn_sub_1 = None
+    bn_isfinite = torch.isfinite(bn_batch_mean);  bn_batch_mean = None
+    bn_all = bn_isfinite.all();  bn_isfinite = None
+    bn_isfinite_1 = torch.isfinite(bn_batch_var);  bn_batch_var = None
+    bn_all_1 = bn_isfinite_1.all();  bn_isfinite_1 = None
+    bn_finite = bn_all & bn_all_1;  bn_all = bn_all_1 = None
     bn_where = torch.where(bn_finite, bn_add_2, bn_running_mean);  bn_add_2 = None
     bn_copy_ = bn_running_mean.copy_(bn_where);  bn_running_mean = bn_where = bn_copy_ = None
     bn_where_1 = torch.where(bn_finite, bn_clamp_min, bn_running_var);  bn_clamp_min = None
@@ -139,13 +139,8 @@ def forward(self, x):
     batch_norm_mul = weight * batch_norm_d;  weight = None
     batch_norm_shift = batch_norm_mul + bias;  batch_norm_mul = bias = None
     batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_norm_batch_mean, batch_norm_batch_var, batch_norm_scale, batch_norm_shift, 1e-05);  x = batch_norm_scale = batch_norm_shift = None
-    batch_norm_isfinite = torch.isfinite(batch_norm_batch_mean)
-    batch_norm_all = batch_norm_isfinite.all();  batch_norm_isfinite = None
-    batch_norm_isfinite_1 = torch.isfinite(batch_norm_batch_var);  batch_norm_batch_var = None
-    batch_norm_all_1 = batch_norm_isfinite_1.all();  batch_norm_isfinite_1 = None
-    batch_norm_finite = batch_norm_all & batch_norm_all_1;  batch_norm_all = batch_norm_all_1 = None
     batch_norm_mul_1 = running_mean * 0.9
-    batch_norm_mul_2 = batch_norm_batch_mean * 0.1;  batch_norm_batch_mean = None
+    batch_norm_mul_2 = batch_norm_batch_mean * 0.1
     batch_norm_add_2 = batch_norm_mul_1 + batch_norm_mul_2;  batch_norm_mul_1 = batch_norm_mul_2 = None
     batch_norm_mul_3 = batch_norm_sigma * 0.9;  batch_norm_sigma = None
     batch_norm_mul_4 = batch_norm_sigma_b * 0.1;  batch_norm_sigma_b = None
@@ -153,6 +148,11 @@ def forward(self, x):
     batch_norm_mul_5 = batch_norm_add_3 * batch_norm_add_3;  batch_norm_add_3 = None
     batch_norm_sub_1 = batch_norm_mul_5 - 1e-05;  batch_norm_mul_5 = None
     batch_norm_clamp_min = torch.clamp_min(batch_norm_sub_1, 0.0);  batch_norm_sub_1 = None
+    batch_norm_isfinite = torch.isfinite(batch_norm_batch_mean);  batch_norm_batch_mean = None
+    batch_norm_all = batch_norm_isfinite.all();  batch_norm_isfinite = None
+    batch_norm_isfinite_1 = torch.isfinite(batch_norm_batch_var);  batch_norm_batch_var = None
+    batch_norm_all_1 = batch_norm_isfinite_1.all();  batch_norm_isfinite_1 = None
+    batch_norm_finite = batch_norm_all & batch_norm_all_1;  batch_norm_all = batch_norm_all_1 = None
     batch_norm_where = torch.where(batch_norm_finite, batch_norm_add_2, running_mean);  batch_norm_add_2 = None
     batch_norm_copy_ = running_mean.copy_(batch_norm_where);  running_mean = batch_norm_where = batch_norm_copy_ = None
     batch_norm_where_1 = torch.where(batch_norm_finite, batch_norm_clamp_min, running_var);  batch_norm_clamp_min = None

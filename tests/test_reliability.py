@@ -230,3 +230,13 @@ def test_empty_batch_is_refused_like_one_value_per_channel():
     with pytest.raises(ValueError, match=r"renorm layer '0': Expected more than 1 value per channel.*\(0, 3, 4, 4\)"):
         model(torch.randn(0, 3, 4, 4))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_guard_can_be_turned_off():
+    """nonfinite_guard=False: batchnorm's behaviour (a NaN batch reaches the statistics), no warning."""
+    model = renormify(models.SmallCNN(), SCHEDULE, nonfinite_guard=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(_bad_batch(math.nan))
+    assert torch.isnan(model.get_buffer("bn.running_mean")).any()
+    assert "isfinite" not in model.code and "report_nonfinite" not in model.code

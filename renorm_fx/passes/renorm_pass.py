@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from typing import Any, Collection, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
 
-__all__ = ["RenormSite", "rewrite_batch_norms", "BATCH_NORM_FUNCTIONS", "STEP_SUFFIX"]
+__all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "BATCH_NORM_FUNCTIONS", "STEP_SUFFIX"]
 
 _F_SIG = inspect.signature(F.batch_norm)
 _TORCH_SIG = inspect.Signature(
@@ -142,33 +142,41 @@ def _has_attr(root: nn.Module, target: str) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class RenormOptions:
+    """How :func:`rewrite_batch_norms` rewrites a graph (kept by converted models, so that
+    their copies are rewritten the same way)."""
+
+    schedule: str  # qualified name of the RenormSchedule submodule of the root
+    momentum: Optional[float] = None  # alpha for every layer; None: each layer's own momentum
+    running_stats: str = "sigma"  # "sigma" (the paper's) or "variance" (batchnorm's)
+    frozen: tuple[str, ...] = ()  # batch-norm modules left as they are (in eval mode while training)
+    new_buffers: bool = True  # False: register no buffers on the root (e.g. Dynamo's graphs)
+    sync: str = ""  # qualified name of a RenormSync submodule: every layer synchronizes over it
+    sync_batch_norm: bool = True  # nn.SyncBatchNorm layers synchronize over their own group
+    nonfinite_guard: bool = True  # a non-finite batch leaves the statistics and step unchanged
+
+
 def rewrite_batch_norms(
-    root: nn.Module,
-    graph: fx.Graph,
-    schedule: str,
-    momentum: Optional[float] = None,
-    running_stats: str = "sigma",
-    frozen: Collection[str] = (),
-    new_buffers: bool = True,
-    sync: str = "",
-    sync_batch_norm: bool = True,
+    root: nn.Module, graph: fx.Graph, options: RenormOptions
 ) -> tuple[list[RenormSite], list[str]]:
     """Rewrite the batch-norms of ``graph`` (owned by ``root``) in place.
 
-    ``schedule`` is the qualified name of a :class:`RenormSchedule` submodule of
-    ``root``. Functional batch-norms whose running statistics belong to no module
-    with a ``num_batches_tracked`` get a step buffer registered on ``root``.
-    Batch-norm modules named in ``frozen`` (in eval mode while the model trains)
-    are left as they are. ``new_buffers=False`` (graphs whose state the caller does
-    not own, such as Dynamo's) registers no buffers: no diagnostics are recorded,
-    and a functional batch-norm must have a ``num_batches_tracked`` beside it. Returns the converted sites and the names of the
+    Functional batch-norms whose running statistics belong to no module with a
+    ``num_batches_tracked`` get a step buffer registered on ``root``, and every layer
+    gets non-persistent diagnostics buffers, unless ``options.new_buffers`` is False
+    (graphs whose state the caller does not own, such as Dynamo's): then no
+    diagnostics are recorded, and a functional batch-norm must have a
+    ``num_batches_tracked`` beside it. Returns the converted sites and the names of the
     skipped ones.
 
-    ``sync`` names a :class:`~renorm_fx.distributed.RenormSync` submodule of ``root``: every
-    layer takes its statistics over its process group. Without it, ``nn.SyncBatchNorm``
-    layers synchronize over their own ``process_group`` if ``sync_batch_norm``, and the
-    other layers use this process's batch.
+    With ``options.sync`` every layer takes its statistics over that
+    :class:`~renorm_fx.distributed.RenormSync`'s process group. Without it,
+    ``nn.SyncBatchNorm`` layers synchronize over their own ``process_group`` if
+    ``options.sync_batch_norm``, and the other layers use this process's batch.
     """
+    schedule, momentum, running_stats = options.schedule, options.momentum, options.running_stats
+    sync, new_buffers = options.sync, options.new_buffers
     if running_stats not in RUNNING_STATS:
         raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
     tracer = GraphAppendingTracer(graph)
@@ -181,7 +189,7 @@ def rewrite_batch_norms(
     for node in list(graph.nodes):
         if node.op == "call_module":
             module = root.get_submodule(node.target)
-            if not isinstance(module, _BatchNorm) or node.target in frozen:
+            if not isinstance(module, _BatchNorm) or node.target in options.frozen:
                 continue
             name = node.target
             if module.running_mean is None or module.running_var is None:
@@ -198,7 +206,7 @@ def rewrite_batch_norms(
                 mean, var = get("running_mean"), get("running_var")
                 step = get("num_batches_tracked")
             ranks, eps, step_target = _ranks(module), module.eps, f"{name}.num_batches_tracked"
-            group = sync or (name if sync_batch_norm and isinstance(module, nn.SyncBatchNorm) else "")
+            group = sync or (name if options.sync_batch_norm and isinstance(module, nn.SyncBatchNorm) else "")
         elif node.op == "call_function" and node.target in BATCH_NORM_FUNCTIONS:
             bound = BATCH_NORM_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
             bound.apply_defaults()
@@ -249,7 +257,7 @@ def rewrite_batch_norms(
             y = batch_renorm_train(
                 proxy(x), proxy(weight), proxy(bias), proxy(mean), proxy(var), proxy(step),
                 r_max, d_max, float(alpha), float(eps), name, ranks, running_stats,
-                proxy(diagnostics), proxy(nonfinite), proxy(group_node),
+                proxy(diagnostics), proxy(nonfinite), proxy(group_node), options.nonfinite_guard,
             )
         node.replace_all_uses_with(y.node)
         last_output = y.node
@@ -258,7 +266,7 @@ def rewrite_batch_norms(
         _prefix_names(first_new, last_new, name.replace(".", "_"))
         sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats,
                                 diag_target, count_target, group))
-    counted = list({s.name: s for s in sites if s.nonfinite}.values())  # a layer used twice: once
+    counted = list({s.name: s for s in sites if s.nonfinite and options.nonfinite_guard}.values())  # once a layer
     if counted:  # one warning check per forward, after every update
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):
