@@ -27,25 +27,39 @@ class RenormTraceError(RuntimeError):
 
 
 class _Tracer(fx.Tracer):
-    """Keeps batch-norms (subclasses too) and already-renormified parts as leaves."""
+    """Keeps modules of the ``leaves`` types (and torch.nn's own) as leaves."""
+
+    def __init__(self, leaves: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, RenormGraphModule)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(model: nn.Module, training: bool) -> fx.Graph:
+def trace(
+    model: nn.Module,
+    training: bool,
+    caller: str = "renormify",
+    fallback: str = "",
+    leaves: tuple[type, ...] = (_BatchNorm, RenormGraphModule),
+) -> fx.Graph:
+    """Trace ``model`` in training or eval mode, batch-norms (subclasses too) and the other
+    ``leaves`` kept as modules. Raises :class:`RenormTraceError` naming what failed, with
+    ``fallback`` as the way out.
+    """
     model.train(training)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(leaves).trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
+        fallback = fallback or (
+            "Use the torch.compile path instead, which captures graphs with Dynamo and "
+            "handles these: torch.compile(model, backend='renorm')."
+        )
         raise RenormTraceError(
-            f"renormify: torch.fx could not trace {type(model).__name__} in "
+            f"{caller}: torch.fx could not trace {type(model).__name__} in "
             f"{'training' if training else 'eval'} mode: {type(exc).__name__}: {exc}\n"
-            f"Symbolic tracing cannot follow data-dependent control flow or non-torch calls. "
-            f"Use the torch.compile path instead, which captures graphs with Dynamo and "
-            f"handles these: torch.compile(model, backend='renorm')."
+            f"Symbolic tracing cannot follow data-dependent control flow or non-torch calls. {fallback}"
         ) from exc
     for node in graph.nodes:
         if isinstance(node.type, str):  # postponed annotations: unpicklable as code globals
@@ -113,8 +127,8 @@ def renormify(
     groups = {id(m.process_group): m.process_group for m in model.modules() if isinstance(m, nn.SyncBatchNorm)}
     root = model if inplace else copy.deepcopy(model, groups)
     try:
-        eval_graph = _trace(root, training=False)
-        train_graph = _trace(root, training=True)
+        eval_graph = trace(root, training=False)
+        train_graph = trace(root, training=True)
         # batch-norms a model keeps in eval mode while it trains (frozen) stay batchnorm
         frozen = tuple(n for n, m in root.named_modules() if isinstance(m, _BatchNorm) and not m.training)
     finally:

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .api import RenormTraceError
+from .api import trace
 from .graph_module import RenormGraphModule
 from .passes.fold_pass import ScaleShift, fold_batch_norms
 
@@ -64,31 +64,11 @@ class FoldReport:
         return self.table()
 
 
-class _Tracer(fx.Tracer):
-    """Keeps batch-norms (subclasses too) and scale-and-shift layers as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, ScaleShift)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
 def _eval_graph(model: nn.Module) -> fx.Graph:
     if isinstance(model, RenormGraphModule):
         return copy.deepcopy(model.eval_graph)
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
-        raise RenormTraceError(
-            f"fold: torch.fx could not trace {type(model).__name__} in eval mode: "
-            f"{type(exc).__name__}: {exc}\nSymbolic tracing cannot follow data-dependent control "
-            f"flow or non-torch calls; fold the traceable submodules instead "
-            f"(e.g. model.backbone = fold(model.backbone))."
-        ) from exc
-    for node in graph.nodes:
-        if isinstance(node.type, str):  # postponed annotations: unpicklable as code globals
-            node.type = None
-    return graph
+    return trace(model, training=False, caller="fold", leaves=(_BatchNorm, ScaleShift),
+                 fallback="Fold the traceable submodules instead (e.g. model.backbone = fold(model.backbone)).")
 
 
 def fold(

@@ -16,73 +16,9 @@ from renorm_fx import FoldReport, RenormSchedule, fold, renormify
 from renorm_fx.deploy import ScaleShift, export_onnx
 from renorm_fx.passes.fold_pass import fold_weights
 
+import models
+
 BN_FUNCTIONS = (F.batch_norm, torch.batch_norm)
-
-
-class models:  # noqa: N801 - self-contained copies of the tests/models.py shapes used here
-    class SmallCNN(nn.Module):
-        def __init__(self, channels: int = 8, classes: int = 4) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, channels, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(channels)
-            self.fc = nn.Linear(channels, classes)
-            self.bn_head = nn.BatchNorm1d(classes)
-
-        def forward(self, x):
-            x = F.relu(self.bn(self.conv(x)))
-            return self.bn_head(self.fc(x.mean((2, 3))))
-
-    class ResidualBlock(nn.Module):
-        def __init__(self, c: int = 6) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)  # depthwise
-            self.bn2 = nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            y = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(x + self.bn2(self.conv2(y)))
-
-    class PreActBlock(nn.Module):
-        def __init__(self, c: int = 6) -> None:
-            super().__init__()
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-            self.bn2 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-        def forward(self, x):
-            y = self.conv1(F.relu(self.bn1(x)))
-            return x + self.conv2(F.relu(self.bn2(y)))
-
-    class SharedBN(nn.Module):
-        def __init__(self, c: int = 5) -> None:
-            super().__init__()
-            self.lin = nn.Linear(c, c)
-            self.bn = nn.BatchNorm1d(c)
-
-        def forward(self, x):
-            return self.bn(self.lin(self.bn(x)))
-
-    class MLP(nn.Module):
-        def __init__(self, d: int = 7) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(d, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-    @staticmethod
-    def scramble_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-                if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
-                    rm.copy_(torch.randn(rm.shape, generator=g) * 2)
-                    rv.copy_(torch.rand(rv.shape, generator=g) * 8 + 0.05)
-        return model
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -33,7 +33,6 @@ mode) are not affine maps of their input and stay as they are.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import operator
 from typing import Any, Optional, Sequence
 
@@ -43,19 +42,10 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from .matching import BATCH_NORM_FUNCTIONS, bind_batch_norm, expected_ranks, layer_name
+
 __all__ = ["ScaleShift", "FoldResult", "fold_batch_norms", "fold_weights", "batch_norm_affine"]
 
-_BN_SIGNATURE = inspect.Signature(
-    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in (
-        ("input", inspect.Parameter.empty), ("running_mean", inspect.Parameter.empty),
-        ("running_var", inspect.Parameter.empty), ("weight", None), ("bias", None), ("training", False),
-        ("momentum", 0.1), ("eps", 1e-5))]
-)
-_TORCH_BN_SIGNATURE = inspect.Signature(
-    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
-     ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")]
-)
-_BN_FUNCTIONS = {F.batch_norm: _BN_SIGNATURE, torch.batch_norm: _TORCH_BN_SIGNATURE}
 
 # functional layers: target -> (kind, spatial rank); weight at args[1], bias at args[2]
 _FUNCTIONAL_LAYERS: dict[Any, tuple[str, int]] = {
@@ -186,30 +176,11 @@ def _get(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def _bn_ranks(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module, nn.BatchNorm1d):
-        return (2, 3)
-    if isinstance(module, nn.BatchNorm2d):
-        return (4,)
-    if isinstance(module, nn.BatchNorm3d):
-        return (5,)
-    return ()
-
-
-def _bind_bn(node: fx.Node) -> Optional[dict[str, Any]]:
-    try:
-        bound = _BN_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def _norm_input(node: fx.Node) -> Any:
     """The batch-norm's input, read now (an earlier fold may have rewired it)."""
     if node.op == "call_module":
         return node.args[0] if node.args else node.kwargs.get("input")
-    args = _bind_bn(node)
+    args = bind_batch_norm(node)
     return None if args is None else args["input"]
 
 
@@ -218,7 +189,7 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
         module = gm.get_submodule(node.target)
         if not isinstance(module, _BatchNorm):
             return None
-        norm = _Norm(node, node.target, None, _bn_ranks(module), module)
+        norm = _Norm(node, node.target, None, expected_ranks(module), module)
         if module.training:
             norm.reason = "in training mode inside an eval model: uses batch statistics, kept as batchnorm"
         elif module.running_mean is None or module.running_var is None:
@@ -228,13 +199,11 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
         else:
             norm.stats = (module.running_mean, module.running_var, module.weight, module.bias, float(module.eps))
         return norm
-    if node.op == "call_function" and node.target in _BN_FUNCTIONS:
-        a = _bind_bn(node)
+    if node.op == "call_function" and node.target in BATCH_NORM_FUNCTIONS:
+        a = bind_batch_norm(node)
         if a is None:
             return None
-        owner = a["running_mean"]
-        name = owner.target.rsplit(".", 1)[0] if isinstance(owner, fx.Node) and owner.op == "get_attr" \
-            and "." in owner.target else node.name
+        name = layer_name(a["running_mean"]) or node.name
         norm = _Norm(node, name, None, ())
         mean, var = _attr(gm, a["running_mean"]), _attr(gm, a["running_var"])
         weight, bias = _attr(gm, a["weight"]), _attr(gm, a["bias"])

@@ -18,28 +18,21 @@ nothing to renormalize against and are skipped (reported to the caller).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
+from .matching import DYNAMO_BUFFER, bind_batch_norm, expected_ranks, layer_name
 
-__all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "BATCH_NORM_FUNCTIONS", "STEP_SUFFIX"]
+__all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "STEP_SUFFIX"]
 
-_F_SIG = inspect.signature(F.batch_norm)
-_TORCH_SIG = inspect.Signature(
-    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
-     ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")]
-)
 #: Name suffix of the step buffers added for functional batch-norms (on the root module).
 STEP_SUFFIX = "_renorm_step"
-BATCH_NORM_FUNCTIONS = {F.batch_norm: _F_SIG, torch.batch_norm: _TORCH_SIG}
 
 
 @dataclasses.dataclass
@@ -55,31 +48,6 @@ class RenormSite:
     diagnostics: str = ""  # qualified name of the (3, C) buffer: last step's r, d, clipped flags
     nonfinite: str = ""  # qualified name of the count of skipped non-finite batches
     sync: str = ""  # qualified name of the module whose process_group it synchronizes over ("": local)
-
-
-def _ranks(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module, nn.BatchNorm1d):
-        return (2, 3)
-    if isinstance(module, nn.BatchNorm2d):
-        return (4,)
-    if isinstance(module, nn.BatchNorm3d):
-        return (5,)
-    return ()
-
-
-_DYNAMO_BUFFER = re.compile(r"^l_(?:self_)?(?:modules_)?(.*?)_buffers_running_mean_$")
-
-
-def _layer_name(mean: Any) -> Optional[str]:
-    """The layer owning a running-mean node: ``a.b`` for ``get_attr a.b.running_mean``, and
-    the same for Dynamo's lifted buffers (``l_self_modules_a_modules_b_buffers_running_mean_``)."""
-    if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in mean.target:
-        return mean.target.rsplit(".", 1)[0]
-    if isinstance(mean, fx.Node) and mean.op == "placeholder":
-        match = _DYNAMO_BUFFER.match(mean.name)
-        if match:
-            return match.group(1).replace("_modules_", ".")
-    return None
 
 
 def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) -> tuple[str, str]:
@@ -205,12 +173,9 @@ def rewrite_batch_norms(
                 bias = get("bias") if module.bias is not None else None
                 mean, var = get("running_mean"), get("running_var")
                 step = get("num_batches_tracked")
-            ranks, eps, step_target = _ranks(module), module.eps, f"{name}.num_batches_tracked"
+            ranks, eps, step_target = expected_ranks(module), module.eps, f"{name}.num_batches_tracked"
             group = sync or (name if options.sync_batch_norm and isinstance(module, nn.SyncBatchNorm) else "")
-        elif node.op == "call_function" and node.target in BATCH_NORM_FUNCTIONS:
-            bound = BATCH_NORM_FUNCTIONS[node.target].bind(*node.args, **node.kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
+        elif (a := bind_batch_norm(node)) is not None:
             if a["training"] is not True:
                 if isinstance(a["training"], fx.Node):
                     raise ValueError(
@@ -218,7 +183,7 @@ def rewrite_batch_norms(
                     )
                 continue
             mean, var, x, weight, bias = a["running_mean"], a["running_var"], a["input"], a["weight"], a["bias"]
-            name = _layer_name(mean) or node.name
+            name = layer_name(mean) or node.name
             if mean is None or var is None:
                 skipped.append(name)
                 continue
