@@ -17,6 +17,7 @@ surrounding kernel: it costs nothing at run time.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import warnings
 from typing import Optional
@@ -66,18 +67,25 @@ def register_inductor_lowering() -> None:
 
 # ---- warnings about skipped non-finite batches ------------------------------------------------
 
-# The layers already warned about, by the address of a per-layer token buffer: compiled code
-# passes new tensors for the counts, but the untouched token buffers themselves.
+# The layers already warned about, by the value of their token buffer (unique per layer of
+# every converted model, see ``new_token``; a copy of a model shares its tokens).
 _WARNED: set[int] = set()
+_TOKENS = itertools.count(1)
+
+
+def new_token() -> int:
+    """A value no other layer's token has had in this process."""
+    return next(_TOKENS)
 
 
 def _warn_nonfinite(counts: list[Tensor], tokens: list[Tensor], layers: str, after: Optional[Tensor] = None) -> None:
     """Warn once per layer whose count of skipped non-finite batches is positive
-    (reads the counts: one host sync)."""
-    values = torch.stack([c.reshape(()) for c in counts]).tolist()
-    for name, count, token in zip(layers.split(","), values, tokens):
-        if count > 0 and token.data_ptr() not in _WARNED:
-            _WARNED.add(token.data_ptr())
+    (reads the counts and tokens: one host sync)."""
+    values = torch.stack([t.reshape(()).to(torch.long) for t in [*counts, *tokens]]).tolist()
+    n = len(counts)
+    for name, count, token in zip(layers.split(","), values[:n], values[n:]):
+        if count > 0 and token not in _WARNED:
+            _WARNED.add(token)
             warnings.warn(
                 f"renorm layer {name!r}: a training batch had non-finite values (NaN/Inf); its running "
                 f"statistics and step were left unchanged (the last good ones are kept). The batch's "

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a venv in .venv, torch==2.13.0 (CPU wheel) first, then the project.
-# Usage: bash scripts/setup.sh [extras]    (extras default: test,deploy)
+# Usage: bash scripts/setup.sh [extras]    (extras default: test,deploy,demo)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-extras="${1:-test,deploy}"
+extras="${1:-test,deploy,demo}"
 py="${PYTHON:-python3}"
 [ -x "$root/.venv/bin/python" ] || "$py" -m venv "$root/.venv"
 venv_py="$root/.venv/bin/python"

@@ -27,6 +27,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
+from ..ops import new_token
 from .matching import DYNAMO_BUFFER, bind_batch_norm, expected_ranks, layer_name
 
 __all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "STEP_SUFFIX"]
@@ -58,8 +59,7 @@ def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) 
         c, device = running_mean.shape[0], running_mean.device
         root.register_buffer(targets[0], torch.zeros(3, c, device=device), persistent=False)
         root.register_buffer(targets[1], torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        root.register_buffer(targets[1] + "_token", torch.zeros((), dtype=torch.long, device=device),
-                             persistent=False)
+        root.register_buffer(targets[1] + "_token", torch.tensor(new_token(), device=device), persistent=False)
     return targets
 
 
