@@ -204,6 +204,7 @@ def diagnostics(model: nn.Module) -> dict[str, LayerDiagnostics]:
     out: dict[str, LayerDiagnostics] = {}
     for prefix, module in model.named_modules():
         if isinstance(module, RenormGraphModule):
+            module.report_nonfinite()
             for site in module.renorm_sites.values():
                 r, d, clipped = module.get_buffer(site.diagnostics).detach().cpu().double()
                 step = int(module.get_buffer(site.step))

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from torch import fx, nn
 from torch.fx.graph_module import _copy_attr, _forward_from_src, reduce_graph_module
 
+from . import ops
 from .passes.renorm_pass import STEP_SUFFIX, RenormOptions, RenormSite, rewrite_batch_norms
 
 __all__ = ["RenormGraphModule"]
@@ -52,7 +53,7 @@ class RenormGraphModule(fx.GraphModule):
             if node.op in ("call_module", "get_attr"):
                 _copy_attr(root, self, node.target)  # the real modules, not bare containers
         for site in sites:  # GraphModule copied them as persistent buffers
-            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite, site.nonfinite + "_token"))
+            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite, site.nonfinite + "_warned"))
         # Diagnostics are each process's own: DDP must not overwrite them with rank 0's every forward.
         prefixes = tuple(name for site in sites for name in (site.diagnostics, site.nonfinite))
         own = sorted(b for b in self._non_persistent_buffers_set if b.startswith(prefixes))
@@ -71,6 +72,27 @@ class RenormGraphModule(fx.GraphModule):
         cls._eval_forward = _forward_from_src(eval_code.src, eval_code.globals, {})
         cls.forward = _dispatch_forward
         return python_code
+
+    def report_nonfinite(self) -> None:
+        """Warn once per layer that has skipped a non-finite training batch (one host sync).
+
+        Eager training forwards do it themselves; for compiled ones it runs on ``train()`` /
+        ``eval()``, ``state_dict()`` and ``renorm_fx.diagnostics()``.
+        """
+        sites = list({s.name: s for s in self.renorm_sites.values() if s.nonfinite}.values())
+        if sites and self.renorm_options.nonfinite_guard:
+            ops.report_nonfinite([self.get_buffer(s.nonfinite) for s in sites],
+                                 [self.get_buffer(s.nonfinite + "_warned") for s in sites],
+                                 ",".join(s.name for s in sites))
+
+    def train(self, mode: bool = True) -> "RenormGraphModule":
+        if "renorm_sites" in self.__dict__:  # not while GraphModule.__init__ runs
+            self.report_nonfinite()
+        return super().train(mode)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.report_nonfinite()
+        return super().state_dict(*args, **kwargs)
 
     @property
     def eval_code(self) -> str:

@@ -27,7 +27,6 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
-from ..ops import new_token
 from .matching import DYNAMO_BUFFER, bind_batch_norm, expected_ranks, layer_name
 
 __all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "STEP_SUFFIX"]
@@ -59,7 +58,8 @@ def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) 
         c, device = running_mean.shape[0], running_mean.device
         root.register_buffer(targets[0], torch.zeros(3, c, device=device), persistent=False)
         root.register_buffer(targets[1], torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        root.register_buffer(targets[1] + "_token", torch.tensor(new_token(), device=device), persistent=False)
+        root.register_buffer(targets[1] + "_warned", torch.zeros((), dtype=torch.long, device=device),
+                             persistent=False)
     return targets
 
 
@@ -225,19 +225,18 @@ def rewrite_batch_norms(
                 proxy(diagnostics), proxy(nonfinite), proxy(group_node), options.nonfinite_guard,
             )
         node.replace_all_uses_with(y.node)
-        last_output = y.node
         last_new = node.prev
         graph.erase_node(node)
         _prefix_names(first_new, last_new, name.replace(".", "_"))
         sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats,
                                 diag_target, count_target, group))
     counted = list({s.name: s for s in sites if s.nonfinite and options.nonfinite_guard}.values())  # once a layer
-    if counted:  # one warning check per forward, after every update
+    if counted:  # one warning check per (eager) forward, after every update
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):
             counts = [graph.get_attr(s.nonfinite) for s in counted]
-            tokens = [graph.get_attr(s.nonfinite + "_token") for s in counted]
-            graph.call_function(report_nonfinite, (counts, tokens, ",".join(s.name for s in counted), last_output))
+            warned = [graph.get_attr(s.nonfinite + "_warned") for s in counted]
+            graph.call_function(report_nonfinite, (counts, warned, ",".join(s.name for s in counted)))
     graph.lint()
     return sites, skipped
 
