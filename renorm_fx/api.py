@@ -7,7 +7,6 @@ import dataclasses
 import warnings
 from typing import Any, Optional
 
-import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 

@@ -27,7 +27,6 @@ import functools
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.fx import Proxy

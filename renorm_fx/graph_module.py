@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 from torch import fx, nn
 from torch.fx.graph_module import _copy_attr, _forward_from_src, reduce_graph_module

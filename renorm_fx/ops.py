@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor

@@ -1,6 +1,5 @@
 """With r_max = 1, d_max = 0 renorm is batchnorm: outputs, gradients, parameters, buffers."""
 
-import copy
 
 import pytest
 import torch

@@ -27,7 +27,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
-from .matching import DYNAMO_BUFFER, bind_batch_norm, expected_ranks, layer_name
+from .matching import bind_batch_norm, expected_ranks, layer_name
 
 __all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "STEP_SUFFIX"]
 
