@@ -268,9 +268,6 @@ def record_diagnostics_(diagnostics: Tensor, nonfinite: Tensor, r: Tensor, d: Te
     nonfinite.add_(~finite)
 
 
-report_nonfinite = graph_leaf(ops.report_nonfinite)
-
-
 @graph_leaf
 def values_per_channel(x: Tensor) -> int:
     """``m``: how many values each channel's statistics are taken over."""
@@ -300,8 +297,8 @@ def batch_renorm_train(
 
     ``r_max`` and ``d_max`` are 0-d tensors (from a :class:`RenormSchedule`). Given
     ``diagnostics`` (3, C) and ``nonfinite`` (0-d int) buffers, records the step's ``r``,
-    ``d`` and clipped channels, and counts skipped non-finite batches (see
-    :func:`report_nonfinite`, which the pass calls once per forward). Given ``sync`` (a module
+    ``d`` and clipped channels, and counts skipped non-finite batches (which
+    ``RenormGraphModule.report_nonfinite`` reports). Given ``sync`` (a module
     whose ``process_group`` names a group, see :mod:`renorm_fx.distributed`), the batch is the
     global batch of the group's processes: its moments, the gradient and the update.
     ``nonfinite_guard``: see :func:`update_running_stats_`.

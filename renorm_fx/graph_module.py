@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
+
+import torch
 
 from torch import fx, nn
 from torch.fx.graph_module import _copy_attr, _forward_from_src, reduce_graph_module
 
-from . import ops
 from .passes.renorm_pass import STEP_SUFFIX, RenormOptions, RenormSite, rewrite_batch_norms
 
 __all__ = ["RenormGraphModule"]
 
 
 def _dispatch_forward(self: "RenormGraphModule", *args: Any, **kwargs: Any) -> Any:
-    if self.training:
-        return self._train_forward(*args, **kwargs)
-    return self._eval_forward(*args, **kwargs)
+    if not self.training:
+        return self._eval_forward(*args, **kwargs)
+    out = self._train_forward(*args, **kwargs)
+    if not torch.compiler.is_compiling():  # a compiled step carries no host sync
+        self.report_nonfinite()
+    return out
 
 
 class RenormGraphModule(fx.GraphModule):
@@ -53,7 +58,7 @@ class RenormGraphModule(fx.GraphModule):
             if node.op in ("call_module", "get_attr"):
                 _copy_attr(root, self, node.target)  # the real modules, not bare containers
         for site in sites:  # GraphModule copied them as persistent buffers
-            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite, site.nonfinite + "_warned"))
+            self._non_persistent_buffers_set.update((site.diagnostics, site.nonfinite))
         # Diagnostics are each process's own: DDP must not overwrite them with rank 0's every forward.
         prefixes = tuple(name for site in sites for name in (site.diagnostics, site.nonfinite))
         own = sorted(b for b in self._non_persistent_buffers_set if b.startswith(prefixes))
@@ -63,6 +68,7 @@ class RenormGraphModule(fx.GraphModule):
         self.renorm_options = options
         self.renorm_sites: dict[str, RenormSite] = {s.name: s for s in sites}
         self.renorm_skipped: list[str] = skipped
+        self.nonfinite_warned: set[str] = set()  # layers already warned about
 
     def recompile(self) -> Any:
         python_code = super().recompile()
@@ -76,14 +82,27 @@ class RenormGraphModule(fx.GraphModule):
     def report_nonfinite(self) -> None:
         """Warn once per layer that has skipped a non-finite training batch (one host sync).
 
-        Eager training forwards do it themselves; for compiled ones it runs on ``train()`` /
-        ``eval()``, ``state_dict()`` and ``renorm_fx.diagnostics()``.
+        Runs after every eager training forward. A compiled step carries no Python call (it
+        would cost more than the step's normalization, ~0.2 ms on CPU), so compiled models
+        are checked on ``train()`` / ``eval()``, ``state_dict()`` and ``renorm_fx.diagnostics()``.
         """
-        sites = list({s.name: s for s in self.renorm_sites.values() if s.nonfinite}.values())
-        if sites and self.renorm_options.nonfinite_guard:
-            ops.report_nonfinite([self.get_buffer(s.nonfinite) for s in sites],
-                                 [self.get_buffer(s.nonfinite + "_warned") for s in sites],
-                                 ",".join(s.name for s in sites))
+        if not self.renorm_options.nonfinite_guard:
+            return
+        sites = [s for s in self.renorm_sites.values() if s.nonfinite and s.name not in self.nonfinite_warned]
+        if not sites:
+            return
+        counts = torch.stack([self.get_buffer(s.nonfinite) for s in sites]).tolist()
+        for site, count in zip(sites, counts):
+            if count > 0:
+                self.nonfinite_warned.add(site.name)
+                warnings.warn(
+                    f"renorm layer {site.name!r}: a training batch had non-finite values (NaN/Inf); its "
+                    f"running statistics and step were left unchanged (the last good ones are kept). The "
+                    f"batch's output is not finite: check the loss. (Warned once per layer; "
+                    f"renorm_fx.diagnostics() counts them.)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def train(self, mode: bool = True) -> "RenormGraphModule":
         if "renorm_sites" in self.__dict__:  # not while GraphModule.__init__ runs

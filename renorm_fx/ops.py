@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["stop_gradient", "report_nonfinite"]
+__all__ = ["stop_gradient"]
 
 
 @torch.library.custom_op("renorm_fx::stop_gradient", mutates_args=())
@@ -60,36 +59,3 @@ def register_inductor_lowering() -> None:
 
     clone = lowerings[torch.ops.aten.clone.default]
     user_lowerings[torch.ops.renorm_fx.stop_gradient.default] = lambda x: clone(x)
-
-
-# ---- warnings about skipped non-finite batches ------------------------------------------------
-
-
-def _warn_nonfinite(counts: list[Tensor], warned: list[Tensor], layers: str) -> None:
-    """Warn once per layer whose count of skipped non-finite batches is positive, and set
-    its ``warned`` flag (reads the counts and flags: one host sync)."""
-    values = torch.stack([t.reshape(()).to(torch.long) for t in [*counts, *warned]]).tolist()
-    n = len(counts)
-    for name, count, done, flag in zip(layers.split(","), values[:n], values[n:], warned):
-        if count > 0 and not done:
-            flag.fill_(1)
-            warnings.warn(
-                f"renorm layer {name!r}: a training batch had non-finite values (NaN/Inf); its running "
-                f"statistics and step were left unchanged (the last good ones are kept). The batch's "
-                f"output is not finite: check the loss. (Warned once per layer; renorm_fx.diagnostics() "
-                f"counts them.)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-
-def report_nonfinite(counts: list[Tensor], warned: list[Tensor], layers: str) -> None:
-    """Warn once per layer (``layers``: comma-separated names) that skipped a non-finite batch.
-
-    Eagerly, after every training forward. While compiling, nothing: a Python call in the
-    compiled step would cost more than the step's normalization (~0.2 ms on CPU); compiled
-    models are checked at their next ``train()`` / ``eval()``, ``state_dict()`` or
-    ``renorm_fx.diagnostics()`` instead (see ``RenormGraphModule.report_nonfinite``).
-    """
-    if not torch.compiler.is_compiling():
-        _warn_nonfinite(counts, warned, layers)

@@ -90,9 +90,6 @@ def forward(self, x):
     bn_invert = ~bn_finite;  bn_finite = None
     bn_add__1 = bn_renorm_nonfinite.add_(bn_invert);  bn_renorm_nonfinite = bn_invert = bn_add__1 = None
     relu = torch.nn.functional.relu(bn_batch_norm_with_stats, inplace = False);  bn_batch_norm_with_stats = None
-    bn_renorm_nonfinite_1 = self.bn_renorm_nonfinite
-    bn_renorm_nonfinite_warned = self.bn_renorm_nonfinite_warned
-    report_nonfinite = renorm_fx_ops_report_nonfinite([bn_renorm_nonfinite_1], [bn_renorm_nonfinite_warned], 'bn');  bn_renorm_nonfinite_1 = bn_renorm_nonfinite_warned = report_nonfinite = None
     return relu""")
 
     def test_conv_net_eval(self):
@@ -165,7 +162,4 @@ def forward(self, x):
     batch_norm_copy__2 = batch_norm_renorm_diagnostics.copy_(batch_norm_where_2);  batch_norm_renorm_diagnostics = batch_norm_where_2 = batch_norm_copy__2 = None
     batch_norm_invert = ~batch_norm_finite;  batch_norm_finite = None
     batch_norm_add__1 = batch_norm_renorm_nonfinite.add_(batch_norm_invert);  batch_norm_renorm_nonfinite = batch_norm_invert = batch_norm_add__1 = None
-    batch_norm_renorm_nonfinite_1 = self.batch_norm_renorm_nonfinite
-    batch_norm_renorm_nonfinite_warned = self.batch_norm_renorm_nonfinite_warned
-    report_nonfinite = renorm_fx_ops_report_nonfinite([batch_norm_renorm_nonfinite_1], [batch_norm_renorm_nonfinite_warned], 'batch_norm');  batch_norm_renorm_nonfinite_1 = batch_norm_renorm_nonfinite_warned = report_nonfinite = None
     return batch_norm_with_stats""")

@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import RUNNING_STATS, batch_renorm_train, report_nonfinite
+from ..functional import RUNNING_STATS, batch_renorm_train
 from .matching import bind_batch_norm, expected_ranks, layer_name
 
 __all__ = ["RenormOptions", "RenormSite", "rewrite_batch_norms", "STEP_SUFFIX"]
@@ -58,8 +58,6 @@ def _diagnostic_buffers(root: nn.Module, name: str, running_mean: torch.Tensor) 
         c, device = running_mean.shape[0], running_mean.device
         root.register_buffer(targets[0], torch.zeros(3, c, device=device), persistent=False)
         root.register_buffer(targets[1], torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        root.register_buffer(targets[1] + "_warned", torch.zeros((), dtype=torch.long, device=device),
-                             persistent=False)
     return targets
 
 
@@ -230,13 +228,6 @@ def rewrite_batch_norms(
         _prefix_names(first_new, last_new, name.replace(".", "_"))
         sites.append(RenormSite(name, step_target, schedule, float(alpha), float(eps), running_stats,
                                 diag_target, count_target, group))
-    counted = list({s.name: s for s in sites if s.nonfinite and options.nonfinite_guard}.values())  # once a layer
-    if counted:  # one warning check per (eager) forward, after every update
-        output = next(n for n in reversed(graph.nodes) if n.op == "output")
-        with graph.inserting_before(output):
-            counts = [graph.get_attr(s.nonfinite) for s in counted]
-            warned = [graph.get_attr(s.nonfinite + "_warned") for s in counted]
-            graph.call_function(report_nonfinite, (counts, warned, ",".join(s.name for s in counted)))
     graph.lint()
     return sites, skipped
 
