@@ -6,16 +6,18 @@
 """
 
 from . import backend as _backend
-from .api import LayerDiagnostics, RenormTraceError, bounds, diagnostics, renormify
-from .backend import RenormCompileError, renorm_backend
+from .config import RenormConfig
+from .convert import renormify
 from .deploy import FoldReport, export_onnx, fold
-from .graph_module import RenormGraphModule
+from .errors import RenormCompileError, RenormError, RenormTraceError
+from .layer import RenormLayer
+from .report import LayerDiagnostics, bounds, diagnostics
 from .schedule import RenormSchedule
 
 __all__ = [
-    "renormify", "bounds", "diagnostics", "LayerDiagnostics", "RenormSchedule", "RenormGraphModule",
-    "RenormTraceError", "renorm_backend", "RenormCompileError", "fold", "FoldReport", "export_onnx",
+    "renormify", "RenormConfig", "RenormSchedule", "RenormLayer", "bounds", "diagnostics", "LayerDiagnostics",
+    "fold", "FoldReport", "export_onnx", "RenormError", "RenormTraceError", "RenormCompileError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _backend.register()  # torch.compile(model, backend="renorm")

@@ -24,8 +24,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .api import trace
-from .graph_module import RenormGraphModule
+from .layer import RenormLayer
+from .tracing import trace_model
 from .passes.fold_pass import ScaleShift, fold_batch_norms
 
 __all__ = ["fold", "FoldReport", "ScaleShift", "export_onnx"]
@@ -65,10 +65,8 @@ class FoldReport:
 
 
 def _eval_graph(model: nn.Module) -> fx.Graph:
-    if isinstance(model, RenormGraphModule):
-        return copy.deepcopy(model.eval_graph)
-    return trace(model, training=False, caller="fold", leaves=(_BatchNorm, ScaleShift),
-                 fallback="Fold the traceable submodules instead (e.g. model.backbone = fold(model.backbone)).")
+    return trace_model(model, "fold", (_BatchNorm, ScaleShift),
+                       "Fold the traceable submodules instead (e.g. model.backbone = fold(model.backbone)).")
 
 
 def fold(
@@ -81,8 +79,7 @@ def fold(
     """Fold every inference batch-norm of ``model`` into the conv / linear before it.
 
     Args:
-        model: an eval-mode module: a :class:`RenormGraphModule` from ``renormify``
-            (its eval-mode trace is folded) or any module ``torch.fx`` can trace.
+        model: an eval-mode module ``torch.fx`` can trace (renormified or not).
             Batch-norms (``_BatchNorm`` modules, ``F.batch_norm(training=False)``)
             whose input is an ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or
             ``nn.Linear`` output (or an ``F.conv*`` / ``F.linear`` call on attribute

@@ -32,15 +32,12 @@ from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
 
 from . import ops
+from .config import RUNNING_STATS
 from .distributed import active_group, all_gather, all_reduce_sum
 
-__all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_"]
+__all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_", "RUNNING_STATS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-#: How running statistics are averaged. "sigma" is the paper's (average sigma, store
-#: running_var = sigma^2 - eps); "variance" is batchnorm's (average the unbiased variance).
-RUNNING_STATS = ("sigma", "variance")
 
 
 def graph_leaf(fn: _F) -> _F:
@@ -292,6 +289,7 @@ def batch_renorm_train(
     nonfinite: Optional[Tensor] = None,
     sync: Optional[nn.Module] = None,
     nonfinite_guard: bool = True,
+    virtual_batch_size: Optional[int] = None,
 ) -> Tensor:
     """One training step of batch renorm; updates the running statistics in place.
 
@@ -301,8 +299,13 @@ def batch_renorm_train(
     ``RenormGraphModule.report_nonfinite`` reports). Given ``sync`` (a module
     whose ``process_group`` names a group, see :mod:`renorm_fx.distributed`), the batch is the
     global batch of the group's processes: its moments, the gradient and the update.
-    ``nonfinite_guard``: see :func:`update_running_stats_`.
+    ``nonfinite_guard``: see :func:`update_running_stats_`. ``virtual_batch_size``: see
+    :func:`virtual_batch_renorm_train`.
     """
+    if virtual_batch_size is not None:
+        return virtual_batch_renorm_train(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, r_max, d_max, momentum, eps,
+            layer, ranks, running_stats, diagnostics, nonfinite, nonfinite_guard, virtual_batch_size)
     if sync is None:
         moments = batch_moments(x, running_mean, layer, tuple(ranks))
     else:  # the global batch's moments, and its count
@@ -329,3 +332,71 @@ def batch_renorm_train(
     if diagnostics is not None and nonfinite is not None:
         record_diagnostics_(diagnostics, nonfinite, r, d, clipped, finite)
     return y
+
+
+@graph_leaf
+def group_batch(x: Tensor, running_mean: Tensor, layer: str, ranks: Sequence[int], size: int) -> Tensor:
+    """``x`` (N, C, ...) viewed as (N / size, size, C, L): consecutive groups of ``size`` examples, the
+    other dims flattened into L, in float32 (or float64). Checks the input as :func:`batch_moments` does, and that ``size`` divides N."""
+    _check_input(x, running_mean, layer, ranks, synced=False)
+    if x.shape[0] % size:
+        raise ValueError(
+            f"renorm layer {layer!r}: a batch of {x.shape[0]} examples does not split into virtual batches of "
+            f"{size}; use a batch size that is a multiple of {size}, or another virtual_batch_size."
+        )
+    if size * (x.numel() // (x.shape[0] * x.shape[1])) <= 1:
+        raise ValueError(
+            f"renorm layer {layer!r}: a virtual batch of {size} has 1 value per channel (input size "
+            f"{tuple(x.shape)}); batch statistics need more than one."
+        )
+    acc = x.dtype if x.dtype == torch.float64 else torch.float32
+    return x.to(acc).reshape(x.shape[0] // size, size, x.shape[1], -1)
+
+
+def virtual_batch_renorm_train(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+    num_batches_tracked: Optional[Tensor], r_max: Tensor, d_max: Tensor, momentum: float, eps: float,
+    layer: str, ranks: Sequence[int], running_stats: str, diagnostics: Optional[Tensor],
+    nonfinite: Optional[Tensor], nonfinite_guard: bool, size: int,
+) -> Tensor:
+    """Batch renorm over virtual (ghost) batches: the paper's equations applied to each group of
+    ``size`` consecutive examples, each with its own moments and its own ``r`` and ``d`` against the
+    shared moving statistics. The moving statistics move once, toward the groups' average: the mean of
+    the group means, and the mean of the group sigmas (``running_stats="sigma"``) or of the groups'
+    unbiased variances (``"variance"``). Diagnostics keep, per channel, the groups' mean ``r`` and
+    ``d`` and the fraction of groups clipped.
+    """
+    xg = _named(group_batch(x, running_mean, layer, tuple(ranks), size), "groups")
+    dims = [1, 3]
+    mean_g = xg.mean(dims, keepdim=True)  # (G, 1, C, 1): with gradient, as batchnorm's
+    centered = xg - mean_g
+    var_g = centered.square().mean(dims, keepdim=True)
+    channel = (1, 1, -1, 1)
+    r, d, sigma_g, sigma, clipped = renorm_factors(
+        mean_g.detach(), var_g.detach(), running_mean.view(channel), running_var.view(channel), r_max, d_max, eps)
+    scale = torch.rsqrt(var_g + eps) * r
+    shift = d
+    if weight is not None:
+        scale, shift = scale * weight.view(channel), shift * weight.view(channel)
+    if bias is not None:
+        shift = shift + bias.view(channel)
+    y = (centered * scale + shift).reshape(x.shape).to(x.dtype)
+    groups = [0, 1, 3]  # reduce (G, 1, C, 1) to (C,)
+    batch_mean = _named(mean_g.detach().mean(groups).flatten(), "batch_mean")
+    batch_var = _named(var_g.detach().mean(groups).flatten(), "batch_var")
+    sigma_b = _named(sigma_g.mean(groups).flatten(), "sigma_b")
+    count = values_per_group(xg) if running_stats == "variance" else None
+    finite = update_running_stats_(
+        running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma.flatten(),
+        momentum, eps, running_stats, count, nonfinite_guard,
+    )
+    if diagnostics is not None and nonfinite is not None:
+        record_diagnostics_(diagnostics, nonfinite, r.mean(groups).flatten(), d.mean(groups).flatten(),
+                            clipped.to(r.dtype).mean(groups).flatten(), finite)
+    return y
+
+
+@graph_leaf
+def values_per_group(xg: Tensor) -> int:
+    """``m`` of one virtual batch: the values each channel's group statistics are taken over."""
+    return xg.shape[1] * xg.shape[3]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import models
-from renorm_fx import RenormGraphModule, RenormSchedule, bounds, renormify
+from renorm_fx import RenormLayer, RenormSchedule, bounds, renormify
 
 SCHED = RenormSchedule.paper(r_max=3, d_max=5, warmup=2, r_max_at=10, d_max_at=6)
 
@@ -47,7 +47,10 @@ def test_functional_step_buffer_loads_from_original_checkpoint():
     orig = models.FunctionalBN()
     rn = renormify(orig, SCHED)
     rn.load_state_dict(orig.state_dict(), strict=True)  # no step key in the original: kept
-    assert "running_mean_renorm_step" not in orig.state_dict()
+    assert "renorm_step" in rn.state_dict() and "renorm_step" not in orig.state_dict()
+    fresh = models.FunctionalBN()
+    fresh.load_state_dict(rn.state_dict(), strict=False)  # the other way: the step key is the only extra
+    assert set(rn.state_dict()) - set(fresh.state_dict()) == {"renorm_step"}
 
 
 def test_resume_continues_schedule():
@@ -110,8 +113,9 @@ def test_twice_converts_nothing_twice():
         assert renormify(rn) is rn
     outer = nn.Sequential(rn, nn.BatchNorm1d(4))
     twice = renormify(outer)
-    assert isinstance(twice.get_submodule("0"), RenormGraphModule)
-    assert set(twice.renorm_sites) == {"1"}  # only the new batch-norm
+    assert twice[0].bn is not rn.bn and isinstance(twice[0].bn, RenormLayer)
+    assert set(bounds(twice)) == {"0.bn", "0.bn_head", "1"}
+    assert twice[0].bn.code == rn.bn.code  # converted once: the same trace
 
 
 def test_no_batchnorm_returns_unchanged_with_warning():
@@ -135,12 +139,12 @@ def test_momentum_override_and_none():
 def test_deepcopy_and_pickle():
     rn = _steps(renormify(models.SmallCNN(), SCHED), 2)
     x = torch.randn(4, 3, 8, 8)
-    assert copy.deepcopy(rn).code == rn.code
-    assert copy.deepcopy(rn.eval()).code == rn.code  # copies of eval-mode models convert the same
+    assert copy.deepcopy(rn).bn.code == rn.bn.code
+    assert copy.deepcopy(rn.eval()).bn.code == rn.bn.code  # copies of eval-mode models convert the same
     rn.train()
     for clone in (copy.deepcopy(rn), pickle.loads(pickle.dumps(rn))):
-        assert isinstance(clone, RenormGraphModule)
-        assert len(clone.graph.nodes) == len(rn.graph.nodes)  # pickling retraces the code
+        assert type(clone) is type(rn) and type(clone.bn) is type(rn.bn)
+        assert clone.bn_head.code == rn.bn_head.code  # pickling retraces the layer
         assert bounds(clone) == bounds(rn)
         assert clone.get_parameter("bn.weight") is not rn.get_parameter("bn.weight")
         a, b = copy.deepcopy(rn), clone  # same step from the same state
@@ -156,7 +160,7 @@ def test_batchnorm_subclass_is_converted():
 
     m = nn.Sequential(nn.Conv2d(3, 4, 1), MyBN(4))
     rn = renormify(m)
-    assert set(rn.renorm_sites) == {"1"}
+    assert set(bounds(rn)) == {"1"} and isinstance(rn[1], MyBN)
 
 
 def test_no_warnings_on_normal_use():
@@ -172,6 +176,11 @@ def test_frozen_batchnorm_stays_batchnorm():
             self.bn.eval()  # a common fine-tuning idiom
             return self
 
-    rn = renormify(Frozen())
-    assert set(rn.renorm_sites) == {"bn_head"}
-    assert set(copy.deepcopy(rn).renorm_sites) == {"bn_head"}
+    rn = renormify(Frozen()).train()
+    x = torch.randn(4, 3, 8, 8)
+    rn(x)  # the frozen layer runs batchnorm's eval forward: its statistics do not move
+    assert int(rn.bn.num_batches_tracked) == 0 and int(rn.bn_head.num_batches_tracked) == 1
+    ref = Frozen()
+    ref.load_state_dict(models.SmallCNN().state_dict())
+    rn2 = renormify(ref.train(), RenormSchedule.constant(1, 0)).train()
+    assert_close(rn2.bn(x.new_ones(2, 8, 3, 3)), ref.bn(x.new_ones(2, 8, 3, 3)), rtol=0, atol=0)

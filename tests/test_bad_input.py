@@ -9,7 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import models
-from renorm_fx import RenormSchedule, RenormTraceError, renormify
+from renorm_fx import RenormLayer, bounds, RenormSchedule, RenormTraceError, renormify
 
 ID = RenormSchedule.constant(1, 0)
 
@@ -25,12 +25,13 @@ def test_track_running_stats_false_is_skipped_with_one_warning():
         warnings.simplefilter("always")
         rn = renormify(m)
     assert len(caught) == 1
-    assert "1, 3" in str(caught[0].message) and "track_running_stats=False" in str(caught[0].message)
-    assert set(rn.renorm_sites) == {"2"}
+    message = str(caught[0].message)
+    assert "'1'" in message and "'3'" in message and "'2'" not in message and "track_running_stats=False" in message
+    assert set(bounds(rn)) == {"2"}
     x = torch.randn(2, 3, 4, 4)
     with pytest.warns(UserWarning):
         assert_close(renormify(m, ID)(x), m(x), **models.BN_TOL)
-    with pytest.raises(ValueError, match=r"1, 3.*track_running_stats=True"):
+    with pytest.raises(ValueError, match=r"(?s)'1'.*track_running_stats=True.*'3'"):
         renormify(m, strict=True)
 
 
@@ -63,19 +64,19 @@ def test_integer_input():
         rn(torch.ones(3, 4, 2, dtype=torch.long))
 
 
-def test_untraceable_model_points_to_compile():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(3)
-
+def test_untraceable_layer_points_to_compile():
+    class DataDependentBN(nn.BatchNorm1d):
         def forward(self, x):
-            if x.sum() > 0:
-                return self.bn(x)
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                return super().forward(x)
             return x
 
-    with pytest.raises(RenormTraceError, match=r"(?s)DataDependent.*control flow.*backend='renorm'"):
-        renormify(DataDependent())
+    m = nn.Sequential(nn.Linear(3, 3), DataDependentBN(3), nn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match=r"(?s)'1'.*DataDependentBN.*control flow.*backend='renorm'"):
+        rn = renormify(m)
+    assert set(bounds(rn)) == {"2"} and not isinstance(rn[1], RenormLayer)  # left as it was, named
+    with pytest.raises(ValueError, match=r"(?s)'1'.*control flow"):
+        renormify(m, strict=True)
 
 
 def test_affine_false():
@@ -146,7 +147,7 @@ def test_torch_batch_norm_function():
 
     m = TorchBN()
     rn = renormify(m, ID)
-    assert len(rn.renorm_sites) == 1
+    assert len(bounds(rn)) == 1
     x = torch.randn(4, 4, 3)
     assert_close(rn(x), m(x), **models.BN_TOL)
 

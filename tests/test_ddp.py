@@ -138,14 +138,14 @@ def _scenario_ddp(rank: int, tmp: Path) -> dict[str, Any]:
             if rank == 1:  # rank 0's buffers must win; this process's diagnostics must stay
                 with torch.no_grad():
                     model.get_buffer("bn.running_mean").add_(1.0)
-                    model.get_buffer("bn_renorm_nonfinite").fill_(7)
+                    model.get_buffer("bn.renorm_nonfinite").fill_(7)
 
     with warnings.catch_warnings():  # rank 1's count of 7 non-finite batches: warned about
         warnings.simplefilter("ignore", RuntimeWarning)
         _ddp_steps(ddp, model, range(4), rank, before_step=before_step)
     run = {"seen": seen, "state": model.state_dict(), "bounds": bounds(model),
-           "nonfinite": int(model.get_buffer("bn_renorm_nonfinite")),
-           "diagnostics": model.get_buffer("bn_renorm_diagnostics").clone(),
+           "nonfinite": int(model.get_buffer("bn.renorm_nonfinite")),
+           "diagnostics": model.get_buffer("bn.renorm_diagnostics").clone(),
            "broadcast": sorted(ddp.named_module_buffers)}
 
     torch.manual_seed(1)  # another initialization: everything must come from the checkpoint
@@ -157,12 +157,24 @@ def _scenario_ddp(rank: int, tmp: Path) -> dict[str, Any]:
                                     "start_bounds": resumed_bounds}}
 
 
+class _Mixed(nn.Module):
+    """A user's model class (Dynamo starts its frame here: torch.nn's containers it only inlines)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def _mixed() -> nn.Module:
     """A synchronized layer and a per-replica one: parts renormified separately (an
     nn.SyncBatchNorm layer would do, but on CPU DDP refuses modules with one)."""
     torch.manual_seed(0)
     synced = renormify(nn.Sequential(nn.Linear(7, 16), nn.BatchNorm1d(16)), RAMP, sync=True)
-    return renormify(models.scramble_stats(nn.Sequential(synced, nn.ReLU(), nn.Linear(16, 3), nn.BatchNorm1d(3))), RAMP)
+    body = nn.Sequential(synced, nn.ReLU(), nn.Linear(16, 3), nn.BatchNorm1d(3))
+    return renormify(models.scramble_stats(_Mixed(body)), RAMP)
 
 
 def _scenario_compiled(rank: int, tmp: Path) -> dict[str, Any]:
@@ -316,8 +328,8 @@ def test_a_specific_process_group(tmp_path):
         converted = renormify(layers, CLIP)  # the copy shares the layers' group
         assert converted.get_submodule("bn").process_group is group
         synced = renormify(_model(), CLIP, sync=True, process_group=group)
-        assert repr(synced.renorm_sync) == f"RenormSync(process_group={group.group_name!r})"
-        assert copy.deepcopy(synced).renorm_sync.process_group is group
+        assert repr(synced.bn.renorm_sync) == f"RenormSync(process_group={group.group_name!r})"
+        assert copy.deepcopy(synced).bn.renorm_sync.process_group is group
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(synced)
         _same_run(synced, renormify(_model(), CLIP))  # one process: nothing synchronized
@@ -326,19 +338,18 @@ def test_a_specific_process_group(tmp_path):
 
 
 def test_graph_names_the_sync_group():
-    plain = renormify(_model(), CLIP)
-    assert renormify(_model(), CLIP, sync=False).code == plain.code  # the local graph is unchanged
-    assert "sync" not in plain.code
-    synced = renormify(_model(), CLIP, sync=True)
-    assert "bn_sync = self.renorm_sync" in synced.code
-    assert "batch_moments(conv, bn_running_mean, 'bn', (4,), bn_sync)" in synced.code
-    assert "1e-05, bn_sync, bn_batch_count)" in synced.code  # batch_norm_with_stats: the global gradient
+    plain = renormify(_model(), CLIP).bn
+    assert renormify(_model(), CLIP, sync=False).bn.code == plain.code  # the local graph is unchanged
+    assert "sync" not in plain.code and plain.renorm_sync is None
+    synced = renormify(_model(), CLIP, sync=True).bn
+    assert "_renorm_sync = self._renorm_sync" in synced.code
+    assert "batch_moments(input_1, running_mean, 'bn', (4,), _renorm_sync)" in synced.code
+    assert "1e-05, _renorm_sync, batch_count)" in synced.code  # batch_norm_with_stats: the global gradient
     assert repr(synced.renorm_sync) == "RenormSync(process_group=default)"
-    assert {s.sync for s in synced.renorm_sites.values()} == {"renorm_sync"}
-    sync_bn = renormify(_model(sync_batch_norm=True), CLIP)
-    assert "bn_sync = self.bn" in sync_bn.code  # a SyncBatchNorm layer: its own process_group
-    assert not hasattr(sync_bn, "renorm_sync")
-    assert "sync" not in renormify(_model(sync_batch_norm=True), CLIP, sync=False).code
+    sync_bn = renormify(_model(sync_batch_norm=True), CLIP).bn
+    assert "_renorm_sync" in sync_bn.code  # a SyncBatchNorm layer: its own process_group
+    assert sync_bn.renorm_sync.process_group is None
+    assert "sync" not in renormify(_model(sync_batch_norm=True), CLIP, sync=False).bn.code
 
 
 def test_sync_model_state_copies_and_pickle():
@@ -346,7 +357,7 @@ def test_sync_model_state_copies_and_pickle():
     assert set(synced.state_dict()) == set(_model().state_dict())  # nothing added
     _model().load_state_dict(synced.state_dict(), strict=True)
     for clone in (copy.deepcopy(synced), pickle.loads(pickle.dumps(synced))):
-        assert clone.code == synced.code and isinstance(clone.renorm_sync, RenormSync)
+        assert clone.bn.code == synced.bn.code and isinstance(clone.bn.renorm_sync, RenormSync)
     with pytest.raises(ValueError, match="pass sync=True"):
         renormify(_model(), CLIP, process_group=object())
 
@@ -366,5 +377,5 @@ def test_compiled_ddp_equals_eager_ddp(ranks):
         assert result["compiled"]["unique_graphs"] == 1  # the bounds changed every step: no recompile
     # the synchronized layer's statistics are global (the same everywhere), the other's local
     states = [r["compiled"]["compiled"]["state"] for r in ranks]
-    assert_close(states[0]["0.1.running_mean"], states[1]["0.1.running_mean"], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(states[0]["3.running_mean"], states[1]["3.running_mean"])
+    assert_close(states[0]["body.0.1.running_mean"], states[1]["body.0.1.running_mean"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(states[0]["body.3.running_mean"], states[1]["body.3.running_mean"])

@@ -242,4 +242,4 @@ def test_guard_can_be_turned_off():
         warnings.simplefilter("error")
         model(_bad_batch(math.nan))
     assert torch.isnan(model.get_buffer("bn.running_mean")).any()
-    assert "isfinite" not in model.code and "report_nonfinite" not in model.code
+    assert "isfinite" not in model.bn.code and "report_nonfinite" not in model.bn.code

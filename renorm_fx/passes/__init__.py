@@ -1,5 +1,1 @@
-"""Graph passes: one pass a file."""
-
-from .renorm_pass import RenormSite, rewrite_batch_norms
-
-__all__ = ["RenormSite", "rewrite_batch_norms"]
+"""Graph passes, one a file: ``renorm_pass`` (training), ``fold_pass`` (inference)."""

@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .matching import BATCH_NORM_FUNCTIONS, bind_batch_norm, expected_ranks, layer_name
+from .matching import BATCH_NORM_FUNCTIONS, bind_batch_norm, expected_ranks, stats_owner
 
 __all__ = ["ScaleShift", "FoldResult", "fold_batch_norms", "fold_weights", "batch_norm_affine"]
 
@@ -194,7 +194,8 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
             norm.reason = "in training mode inside an eval model: uses batch statistics, kept as batchnorm"
         elif module.running_mean is None or module.running_var is None:
             norm.reason = "track_running_stats=False: uses batch statistics in eval mode, kept as batchnorm"
-        elif type(module).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        elif getattr(type(module), "_renorm_base", type(module)).forward not in (_BatchNorm.forward,
+                                                                                nn.SyncBatchNorm.forward):
             norm.reason = f"{type(module).__name__} overrides forward: not a plain batchnorm, kept as is"
         else:
             norm.stats = (module.running_mean, module.running_var, module.weight, module.bias, float(module.eps))
@@ -203,7 +204,7 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
         a = bind_batch_norm(node)
         if a is None:
             return None
-        name = layer_name(a["running_mean"]) or node.name
+        name = stats_owner(a["running_mean"]) or node.name
         norm = _Norm(node, name, None, ())
         mean, var = _attr(gm, a["running_mean"]), _attr(gm, a["running_var"])
         weight, bias = _attr(gm, a["weight"]), _attr(gm, a["bias"])

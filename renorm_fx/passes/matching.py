@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["BATCH_NORM_FUNCTIONS", "DYNAMO_BUFFER", "bind_batch_norm", "expected_ranks", "layer_name"]
+__all__ = ["BATCH_NORM_FUNCTIONS", "bind_batch_norm", "expected_ranks", "stats_owner"]
 
 _TORCH_SIG = inspect.Signature(
     [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
@@ -43,16 +42,8 @@ def expected_ranks(module: nn.Module) -> tuple[int, ...]:
     return ()
 
 
-DYNAMO_BUFFER = re.compile(r"^l_(?:self_)?(?:modules_)?(.*?)_buffers_running_mean_$")
-
-
-def layer_name(mean: Any) -> Optional[str]:
-    """The layer owning a running-mean node: ``a.b`` for ``get_attr a.b.running_mean``, and
-    the same for Dynamo's lifted buffers (``l_self_modules_a_modules_b_buffers_running_mean_``)."""
-    if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in mean.target:
-        return mean.target.rsplit(".", 1)[0]
-    if isinstance(mean, fx.Node) and mean.op == "placeholder":
-        match = DYNAMO_BUFFER.match(mean.name)
-        if match:
-            return match.group(1).replace("_modules_", ".")
+def stats_owner(mean: Any) -> Optional[str]:
+    """The module owning a running-mean ``get_attr`` node (``a.b`` for ``a.b.running_mean``), or None."""
+    if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in str(mean.target):
+        return str(mean.target).rsplit(".", 1)[0]
     return None
