@@ -13,9 +13,11 @@ from .errors import RenormCompileError, RenormError, RenormTraceError
 from .layer import RenormLayer
 from .report import LayerDiagnostics, bounds, diagnostics
 from .schedule import RenormSchedule
+from .steps import count_updates
 
 __all__ = [
     "renormify", "RenormConfig", "RenormSchedule", "RenormLayer", "bounds", "diagnostics", "LayerDiagnostics",
+    "count_updates",
     "fold", "FoldReport", "export_onnx", "RenormError", "RenormTraceError", "RenormCompileError",
 ]
 __version__ = "0.2.0"

@@ -35,6 +35,7 @@ from .tracing import trace_own_forward
 __all__ = ["RenormLayer", "convert_layer", "renorm_class", "renorm_layers"]
 
 STEP_BUFFER = "renorm_step"
+COUNTS_UPDATES = "_renorm_counts_updates"  # set by count_updates: the step advances per optimizer update
 _SCHEDULE_ATTR = "_renorm_schedule"
 _SYNC_ATTR = "_renorm_sync"
 _CLASSES: dict[type, type] = {}
@@ -138,7 +139,7 @@ class RenormLayer:
         _build_forward(self, self.renorm_name, self.renorm_config)  # type: ignore[arg-type]
 
 
-_REBUILT = ("_renorm_forward", "_renorm_graph", "_renorm_key")
+_REBUILT = ("_renorm_forward", "_renorm_graph", "_renorm_key", COUNTS_UPDATES)  # copies count forwards until tied again
 _CPU = torch.device("cpu")
 
 
@@ -214,7 +215,7 @@ def _build_forward(module: nn.Module, name: str, config: RenormConfig, base: Opt
         object.__setattr__(module, _SYNC_ATTR, sync)
     graph = trace_own_forward(module, base, name)
     options = PassOptions(_SCHEDULE_ATTR, None, config.running_stats, config.nonfinite_guard,
-                          config.virtual_batch_size)
+                          config.virtual_batch_size, count_steps=not module.__dict__.get(COUNTS_UPDATES, False))
     sites, skipped_nodes = rewrite_batch_norms(graph, options, _Binder(module, name, sync is not None))
     skipped = [_stats_owner(name, n.args[1] if len(n.args) > 1 else n.kwargs.get("running_mean")) for n in skipped_nodes]
     if not sites:

@@ -136,6 +136,17 @@ class RenormSchedule(nn.Module):
         )
 
     @classmethod
+    def switch(cls, warmup: int, r_max: float = 3.0, d_max: float = 5.0) -> "RenormSchedule":
+        """The RL libraries' schedule (CrossQ; TorchRL's, sb3-contrib's and sbx's ``BatchRenorm``):
+        batchnorm ``(1, 0)`` for steps ``< warmup``, then ``(r_max, d_max)`` at once."""
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"RenormSchedule.switch: warmup must be a non-negative int, got {warmup!r}")
+        conv = lambda v: sympy.oo if v == math.inf else sympy.nsimplify(v)  # noqa: E731
+        after_r, after_d = conv(r_max), conv(d_max)
+        return cls(sympy.Piecewise((1, step < warmup), (after_r, True)),
+                   sympy.Piecewise((0, step < warmup), (after_d, True)))
+
+    @classmethod
     def constant(cls, r_max: float, d_max: float) -> "RenormSchedule":
         """Fixed bounds; ``float('inf')`` means no clip. ``constant(1, 0)`` is batchnorm."""
         conv = lambda v: sympy.oo if v == math.inf else sympy.nsimplify(v)  # noqa: E731

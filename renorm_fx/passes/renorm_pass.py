@@ -41,6 +41,7 @@ class PassOptions:
     nonfinite_guard: bool = True
     virtual_batch_size: Optional[int] = None
     caller: str = "renormify"  # the entry point, for error messages
+    count_steps: bool = True  # False: the step is advanced elsewhere (once per optimizer update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,8 @@ def rewrite_batch_norms(
             r_max.node._rename("r_max")
             d_max.node._rename("d_max")
             y = batch_renorm_train(
-                proxy(a["input"]), proxy(a["weight"]), proxy(a["bias"]), proxy(mean), proxy(var), proxy(site.step),
+                proxy(a["input"]), proxy(a["weight"]), proxy(a["bias"]), proxy(mean), proxy(var),
+                proxy(site.step) if options.count_steps else None,
                 r_max, d_max, float(alpha), float(eps), site.label or site.name, site.ranks, options.running_stats,
                 proxy(site.diagnostics), proxy(site.nonfinite), proxy(site.sync), options.nonfinite_guard,
                 options.virtual_batch_size,
