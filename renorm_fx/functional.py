@@ -24,7 +24,8 @@ gradient equals batchnorm's to float32 rounding.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import math
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ from torch.fx import Proxy
 from . import ops
 from .config import RUNNING_STATS
 from .distributed import active_group, all_gather, all_reduce_sum
+from .schedule import is_eager_cpu
 
 __all__ = ["batch_moments", "batch_renorm_train", "renorm_factors", "update_running_stats_", "RUNNING_STATS"]
 
@@ -90,6 +92,9 @@ def _local_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if torch.compiler.is_compiling():
         # Inductor fuses a one-pass Welford var_mean with the normalization.
         var, mean = torch.var_mean(x.to(acc), dims, correction=0)
+    elif x.dim() == 2 and x.dtype == acc and x.shape[0] > 0:
+        # (N, C): batchnorm's own statistics kernel, one call (over (N, H, W) it is slower than two passes)
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     else:
         # Eager: two passes of fast reductions (aten's var_mean over (N, H, W) is ~10x slower).
         mean = x.mean(dims, dtype=acc)
@@ -135,58 +140,82 @@ def batch_moments(
 
 @graph_leaf
 def batch_norm_with_stats(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
-    sync: Optional[nn.Module] = None, count: Optional[Tensor] = None,
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor,
+    eps: float,
 ) -> Tensor:
-    """Training-mode batch_norm of ``x`` given its batch moments: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    """Renorm's normalization given the batch moments and the constants ``r``, ``d``:
+    ``(x - mean) / sqrt(var + eps) * (weight * r) + (bias + weight * d)``, batchnorm with a
+    corrected affine.
 
-    The gradient is batchnorm's own (through the batch moments too). Unlike
-    ``F.batch_norm`` it does not recompute the moments: one elementwise pass forward.
-    Given ``sync`` and the global ``count`` (global moments from :func:`batch_moments`),
-    the input's gradient is the global batch's: the backward all-reduces per-channel
-    ``sum(g)`` and ``sum(g * (x - mean))`` (one all-reduce of 2C values), as
-    ``nn.SyncBatchNorm``'s does; ``weight`` and ``bias`` get this process's share, which
-    DDP reduces with the other processes' gradients.
+    The gradient is batchnorm's own (through the batch moments too, with ``r`` and ``d``
+    constant): one ``native_batch_norm_backward``. Unlike ``F.batch_norm`` it does not
+    recompute the moments: one elementwise pass forward.
     """
-    group = active_group(sync)
-    if group is None:
-        return _BatchNormWithStats.apply(x, mean, var, weight, bias, eps)
-    return _SyncBatchNormWithStats.apply(x, mean, var, weight, bias, eps, count, group)
+    return _BatchNormWithStats.apply(x, mean, var, weight, bias, r, d, eps)
 
 
 class _BatchNormWithStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                r: Tensor, d: Tensor, eps: float) -> Tensor:
+        scale, shift = _affine(weight, bias, r, d)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.eps = eps
         # eval-mode batch_norm with the batch's moments as its statistics: elementwise only
-        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        return torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
-        return gx, None, None, gw, gb, None
+        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        scale = r if weight is None else weight * r  # recomputed: differentiable for double backward
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        gx, g_scale, g_shift = torch.ops.aten.native_batch_norm_backward(
+            grad, x, scale, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_w or need_b])
+        gw = g_scale * r + g_shift * d if need_w else None  # d(scale)/dw = r, d(shift)/dw = d
+        return gx, None, None, gw, g_shift if need_b else None, None, None, None
+
+
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Renorm's corrected affine: ``(weight * r, bias + weight * d)``."""
+    scale = r if weight is None else weight * r
+    shift = d if weight is None else weight * d
+    return scale, shift if bias is None else shift + bias
+
+
+@graph_leaf
+def sync_batch_norm_with_stats(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor,
+    eps: float, sync: nn.Module, count: Tensor,
+) -> Tensor:
+    """:func:`batch_norm_with_stats` over the global batch of ``sync``'s process group, given its
+    moments and ``count`` from :func:`batch_moments`: the backward all-reduces per-channel ``sum(g)``
+    and ``sum(g * (x - mean))`` (one all-reduce of 2C values), as ``nn.SyncBatchNorm``'s does;
+    ``weight`` and ``bias`` get this process's share, which DDP reduces with the other processes'
+    gradients. Without an active group (one process), exactly :func:`batch_norm_with_stats`.
+    """
+    group = active_group(sync)
+    if group is None:
+        return _BatchNormWithStats.apply(x, mean, var, weight, bias, r, d, eps)
+    return _SyncBatchNormWithStats.apply(x, mean, var, weight, bias, r, d, eps, count, group)
 
 
 class _SyncBatchNormWithStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                count: Tensor, group: Any) -> Tensor:
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                r: Tensor, d: Tensor, eps: float, count: Tensor, group: Any) -> Tensor:
+        scale, shift = _affine(weight, bias, r, d)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.save_for_backward(x, scale, mean, invstd, count, r, d)
         ctx.group = group
-        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        return torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        # g_x = (g - sum(g) / m - (x - mean) * invstd^2 * sum(g (x - mean)) / m) * invstd * weight,
+        # g_x = (g - sum(g) / m - (x - mean) * invstd^2 * sum(g (x - mean)) / m) * invstd * scale,
         # the sums and m over the global batch
-        x, weight, mean, invstd, count = ctx.saved_tensors
+        x, scale, mean, invstd, count, r, d = ctx.saved_tensors
         channel = (1, -1, *([1] * (x.dim() - 2)))
         dims = [0, *range(2, x.dim())]
         xmu = x - mean.view(channel)
@@ -195,12 +224,12 @@ class _SyncBatchNormWithStats(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # the same on every process, so all of them reduce
             total_g, total_gxmu = all_reduce_sum(torch.cat([sum_g, sum_gxmu]), ctx.group).chunk(2)
             gx = grad - (total_g / count).view(channel) - xmu * (invstd.square() * total_gxmu / count).view(channel)
-            gx = (gx * (invstd * weight).view(channel)).to(x.dtype)
+            gx = (gx * (invstd * scale).view(channel)).to(x.dtype)
         if ctx.needs_input_grad[3]:
-            gw = sum_gxmu * invstd
+            gw = sum_gxmu * invstd * r + sum_g * d
         if ctx.needs_input_grad[4]:
             gb = sum_g
-        return gx, None, None, gw, gb, None, None, None
+        return gx, None, None, gw, gb, None, None, None, None, None
 
 
 def renorm_factors(
@@ -213,39 +242,54 @@ def renorm_factors(
     sigma = _named(torch.sqrt(running_var + eps), "sigma")
     r_raw = sigma_b / sigma
     d_raw = (batch_mean - running_mean) / sigma
-    r = _named(stop_gradient(torch.clamp(r_raw, r_max.reciprocal(), r_max)), "r")
+    r = _named(stop_gradient(torch.clamp(r_raw, 1 / r_max, r_max)), "r")
     d = _named(stop_gradient(torch.clamp(d_raw, -d_max, d_max)), "d")
     clipped = _named((r != r_raw) | (d != d_raw), "clipped")
     return r, d, sigma_b, sigma, clipped
 
 
+@graph_leaf
 def update_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
     batch_mean: Tensor, batch_var: Tensor, sigma_b: Tensor, sigma: Tensor,
     momentum: float, eps: float, running_stats: str, count: Optional[int | Tensor] = None,
     guard: bool = True,
-) -> Optional[Tensor]:
-    """Move the running statistics toward the batch's, in place (after the forward).
+) -> Union[Tensor, bool, None]:
+    """Move the running statistics toward the batch's, in place (after the forward), and count the step.
 
     With ``guard``, a batch whose moments are not finite (NaN / Inf in the input) changes
     nothing: the statistics and the step keep their last good values; returns that flag
-    (0-d bool). Without, returns None.
+    (a 0-d bool tensor; eagerly on the CPU, a Python bool, checked on the host). Without, None.
     """
+    if running_stats == "variance":  # batchnorm's own: the unbiased variance, averaged
+        target_var = batch_var * (count / (count - 1)) if count is not None else batch_var
+    if is_eager_cpu(batch_var):  # eager: branch on the host, update in place
+        finite = not guard or math.isfinite(float(batch_var.sum()))  # NaN / Inf anywhere make the variance NaN
+        if finite:
+            _lerp_(running_mean, batch_mean, momentum)
+            if running_stats == "sigma":
+                dtype = torch.promote_types(sigma.dtype, sigma_b.dtype)
+                new_sigma = torch.lerp(sigma.to(dtype), sigma_b.to(dtype), momentum)
+                running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
+            else:
+                _lerp_(running_var, target_var, momentum)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        return finite if guard else None
     keep = 1.0 - momentum
     new_mean = running_mean * keep + batch_mean * momentum
     if running_stats == "sigma":
         new_sigma = sigma * keep + sigma_b * momentum
         new_var = torch.clamp_min(new_sigma * new_sigma - eps, 0.0)
-    else:  # batchnorm's own: the unbiased variance, averaged
-        unbiased = batch_var * (count / (count - 1)) if count is not None else batch_var
-        new_var = running_var * keep + unbiased * momentum
+    else:
+        new_var = running_var * keep + target_var * momentum
     if not guard:
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return None
-    finite = _named(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all(), "finite")
+    finite = torch.isfinite(batch_var.sum())  # NaN / Inf anywhere in the input make the variance NaN
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
     if num_batches_tracked is not None:
@@ -253,14 +297,27 @@ def update_running_stats_(
     return finite
 
 
+def _lerp_(buffer: Tensor, target: Tensor, weight: float) -> None:
+    """``buffer += weight * (target - buffer)``, in the wider of the two dtypes."""
+    if buffer.dtype == target.dtype:
+        buffer.lerp_(target, weight)
+    else:
+        buffer.copy_(torch.lerp(buffer.to(target.dtype), target, weight))
+
+
+@graph_leaf
 def record_diagnostics_(diagnostics: Tensor, nonfinite: Tensor, r: Tensor, d: Tensor, clipped: Tensor,
-                        finite: Optional[Tensor]) -> None:
+                        finite: Union[Tensor, bool, None]) -> None:
     """Keep the last good step's ``r``, ``d`` and clip flags (rows of ``diagnostics``, shape (3, C))
     and count the skipped non-finite batches in ``nonfinite`` (``finite=None``: no guard)."""
-    step = torch.stack([r, d, clipped.to(r.dtype)])
-    if finite is None:
-        diagnostics.copy_(step)
+    if finite is None or finite is True:
+        torch.stack([r, d, clipped.to(r.dtype)], out=diagnostics) if r.dtype == diagnostics.dtype else \
+            diagnostics.copy_(torch.stack([r, d, clipped.to(r.dtype)]))
         return
+    if finite is False:
+        nonfinite.add_(1)
+        return
+    step = torch.stack([r, d, clipped.to(r.dtype)])
     diagnostics.copy_(torch.where(finite, step, diagnostics))
     nonfinite.add_(~finite)
 
@@ -314,14 +371,11 @@ def batch_renorm_train(
     batch_count = None if sync is None else _named(moments[2], "batch_count")
     r, d, sigma_b, sigma, clipped = renorm_factors(
         batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
-    scale, shift = (r, d) if weight is None else (_named(weight * r, "scale"), weight * d)
-    if bias is not None:
-        shift = _named(shift + bias, "shift")
     # Reduced-precision inputs get float32 scale / shift, which batch_norm accepts (as for autocast).
     if sync is None:
-        y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps)
+        y = batch_norm_with_stats(x, batch_mean, batch_var, weight, bias, r, d, eps)
     else:  # the global batch's gradient
-        y = batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, eps, sync, batch_count)
+        y = sync_batch_norm_with_stats(x, batch_mean, batch_var, weight, bias, r, d, eps, sync, batch_count)
     count = None
     if running_stats == "variance":  # the unbiased variance needs m
         count = values_per_channel(x) if sync is None else batch_count

@@ -107,9 +107,15 @@ class RenormSchedule(nn.Module):
         super().__init__()
         self.r_max = _sympify("r_max", r_max)
         self.d_max = _sympify("d_max", d_max)
+        self._build()
+        self._validate()
+
+    def _build(self) -> None:
         self._r_fn = _compile(self.r_max)
         self._d_fn = _compile(self.d_max)
-        self._validate()
+        # eager, on the host: the bounds as Python floats of an int step
+        r_host, d_host = (sympy.lambdify(step, e, modules="math") for e in (self.r_max, self.d_max))
+        self._host = lambda at: (float(r_host(at)), float(d_host(at)))
 
     # ---- constructors -------------------------------------------------------------
     @classmethod
@@ -160,11 +166,20 @@ class RenormSchedule(nn.Module):
         """``(r_max, d_max)`` at an integer step, evaluated exactly by sympy."""
         return float(self.r_max.subs(step, at_step)), float(self.d_max.subs(step, at_step))
 
-    def forward(self, num_batches_tracked: Tensor) -> tuple[Tensor, Tensor]:
-        """``(r_max, d_max)`` as 0-d float64 tensors for a step tensor (no host sync).
+    def forward(self, num_batches_tracked: Tensor) -> tuple[Union[Tensor, float], Union[Tensor, float]]:
+        """``(r_max, d_max)`` for a step tensor: 0-d float64 tensors computed in the graph (no
+        host sync), so a compiled graph never sees them as constants and never recompiles.
 
         0-d tensors do not promote the per-channel math they clip: float32 stays float32.
+        Eagerly, for a step on the CPU (reading it costs no sync), Python floats evaluated on
+        the host instead: the same values, without a dozen tiny tensor ops per layer and step.
         """
+        if is_eager_cpu(num_batches_tracked):
+            return self._host(int(num_batches_tracked))
+        return self.tensor_bounds(num_batches_tracked)
+
+    def tensor_bounds(self, num_batches_tracked: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` as 0-d float64 tensors computed from the step tensor (what graphs run)."""
         s = num_batches_tracked.to(torch.float64)
         r = torch.as_tensor(self._r_fn(s), dtype=torch.float64, device=s.device)
         d = torch.as_tensor(self._d_fn(s), dtype=torch.float64, device=s.device)
@@ -186,10 +201,14 @@ class RenormSchedule(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_r_fn"], state["_d_fn"]  # closures: rebuilt from the expressions
+        del state["_r_fn"], state["_d_fn"], state["_host"]  # closures: rebuilt from the expressions
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._r_fn = _compile(self.r_max)
-        self._d_fn = _compile(self.d_max)
+        self._build()
+
+
+def is_eager_cpu(t: Tensor) -> bool:
+    """Whether ``t`` is a plain CPU tensor outside compilation (reading its values costs no sync)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -63,8 +63,8 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     truediv = sigma_b / sigma
     sub = batch_mean - running_mean
     truediv_1 = sub / sigma;  sub = None
-    reciprocal = r_max.reciprocal()
-    clamp = torch.clamp(truediv, reciprocal, r_max);  reciprocal = r_max = None
+    truediv_2 = 1 / r_max
+    clamp = torch.clamp(truediv, truediv_2, r_max);  truediv_2 = r_max = None
     r = renorm_fx_ops_stop_gradient(clamp);  clamp = None
     neg = -d_max
     clamp_1 = torch.clamp(truediv_1, neg, d_max);  neg = d_max = None
@@ -72,36 +72,9 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     ne = r != truediv;  truediv = None
     ne_1 = d != truediv_1;  truediv_1 = None
     clipped = ne | ne_1;  ne = ne_1 = None
-    scale = weight * r
-    mul_1 = weight * d;  weight = None
-    shift = mul_1 + bias;  mul_1 = bias = None
-    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(input_1, batch_mean, batch_var, scale, shift, 1e-05);  input_1 = scale = shift = None
-    mul_2 = running_mean * 0.9
-    mul_3 = batch_mean * 0.1
-    add_3 = mul_2 + mul_3;  mul_2 = mul_3 = None
-    mul_4 = sigma * 0.9;  sigma = None
-    mul_5 = sigma_b * 0.1;  sigma_b = None
-    add_4 = mul_4 + mul_5;  mul_4 = mul_5 = None
-    mul_6 = add_4 * add_4;  add_4 = None
-    sub_1 = mul_6 - 1e-05;  mul_6 = None
-    clamp_min = torch.clamp_min(sub_1, 0.0);  sub_1 = None
-    isfinite = torch.isfinite(batch_mean);  batch_mean = None
-    all_1 = isfinite.all();  isfinite = None
-    isfinite_1 = torch.isfinite(batch_var);  batch_var = None
-    all_2 = isfinite_1.all();  isfinite_1 = None
-    finite = all_1 & all_2;  all_1 = all_2 = None
-    where = torch.where(finite, add_3, running_mean);  add_3 = None
-    copy_ = running_mean.copy_(where);  running_mean = where = copy_ = None
-    where_1 = torch.where(finite, clamp_min, running_var);  clamp_min = None
-    copy__1 = running_var.copy_(where_1);  running_var = where_1 = copy__1 = None
-    add__1 = num_batches_tracked.add_(finite);  num_batches_tracked = add__1 = None
-    getattr_1 = r.dtype
-    to = clipped.to(getattr_1);  clipped = getattr_1 = None
-    stack = torch.stack([r, d, to]);  r = d = to = None
-    where_2 = torch.where(finite, stack, renorm_diagnostics);  stack = None
-    copy__2 = renorm_diagnostics.copy_(where_2);  renorm_diagnostics = where_2 = copy__2 = None
-    invert = ~finite;  finite = None
-    add__2 = renorm_nonfinite.add_(invert);  renorm_nonfinite = invert = add__2 = None
+    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(input_1, batch_mean, batch_var, weight, bias, r, d, 1e-05);  input_1 = weight = bias = None
+    update_running_stats_ = renorm_fx_functional_update_running_stats_(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma, 0.1, 1e-05, 'sigma', None, True);  running_mean = running_var = num_batches_tracked = batch_mean = batch_var = sigma_b = sigma = None
+    record_diagnostics_ = renorm_fx_functional_record_diagnostics_(renorm_diagnostics, renorm_nonfinite, r, d, clipped, update_running_stats_);  renorm_diagnostics = renorm_nonfinite = r = d = clipped = update_running_stats_ = record_diagnostics_ = None
     return batch_norm_with_stats""")
 
     def test_norm_activation_subclass_keeps_its_activation(self):
@@ -114,7 +87,7 @@ def forward(self, x):
     bias = self.bias
     num_batches_tracked = self.num_batches_tracked
     renorm_diagnostics = self.renorm_diagnostics
-    renorm_nonfinite = self.renorm_nonfinite;  renorm_nonfinite = None
+    renorm_nonfinite = self.renorm_nonfinite
     bounds = self._renorm_schedule(num_batches_tracked)
     r_max = bounds[0]
     d_max = bounds[1];  bounds = None
@@ -128,8 +101,8 @@ def forward(self, x):
     truediv = sigma_b / sigma
     sub = batch_mean - running_mean
     truediv_1 = sub / sigma;  sub = None
-    reciprocal = r_max.reciprocal()
-    clamp = torch.clamp(truediv, reciprocal, r_max);  reciprocal = r_max = None
+    truediv_2 = 1 / r_max
+    clamp = torch.clamp(truediv, truediv_2, r_max);  truediv_2 = r_max = None
     r = renorm_fx_ops_stop_gradient(clamp);  clamp = None
     neg = -d_max
     clamp_1 = torch.clamp(truediv_1, neg, d_max);  neg = d_max = None
@@ -137,26 +110,9 @@ def forward(self, x):
     ne = r != truediv;  truediv = None
     ne_1 = d != truediv_1;  truediv_1 = None
     clipped = ne | ne_1;  ne = ne_1 = None
-    scale = weight * r
-    mul_1 = weight * d;  weight = None
-    shift = mul_1 + bias;  mul_1 = bias = None
-    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, 1e-05);  x = batch_var = scale = shift = None
-    mul_2 = running_mean * 0.9
-    mul_3 = batch_mean * 0.1;  batch_mean = None
-    add_3 = mul_2 + mul_3;  mul_2 = mul_3 = None
-    mul_4 = sigma * 0.9;  sigma = None
-    mul_5 = sigma_b * 0.1;  sigma_b = None
-    add_4 = mul_4 + mul_5;  mul_4 = mul_5 = None
-    mul_6 = add_4 * add_4;  add_4 = None
-    sub_1 = mul_6 - 1e-05;  mul_6 = None
-    clamp_min = torch.clamp_min(sub_1, 0.0);  sub_1 = None
-    copy_ = running_mean.copy_(add_3);  running_mean = add_3 = copy_ = None
-    copy__1 = running_var.copy_(clamp_min);  running_var = clamp_min = copy__1 = None
-    add_ = num_batches_tracked.add_(1);  num_batches_tracked = add_ = None
-    getattr_1 = r.dtype
-    to = clipped.to(getattr_1);  clipped = getattr_1 = None
-    stack = torch.stack([r, d, to]);  r = d = to = None
-    copy__2 = renorm_diagnostics.copy_(stack);  renorm_diagnostics = stack = copy__2 = None
+    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_mean, batch_var, weight, bias, r, d, 1e-05);  x = weight = bias = None
+    update_running_stats_ = renorm_fx_functional_update_running_stats_(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b, sigma, 0.1, 1e-05, 'sigma', None, False);  running_mean = running_var = num_batches_tracked = batch_mean = batch_var = sigma_b = sigma = None
+    record_diagnostics_ = renorm_fx_functional_record_diagnostics_(renorm_diagnostics, renorm_nonfinite, r, d, clipped, update_running_stats_);  renorm_diagnostics = renorm_nonfinite = r = d = clipped = update_running_stats_ = record_diagnostics_ = None
     act = self.act(batch_norm_with_stats);  batch_norm_with_stats = None
     return act""")
 
@@ -171,7 +127,7 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     weight = self.weight
     bias = self.bias
     renorm_diagnostics = self.renorm_diagnostics
-    renorm_nonfinite = self.renorm_nonfinite;  renorm_nonfinite = None
+    renorm_nonfinite = self.renorm_nonfinite
     bounds = self._renorm_schedule(num_batches_tracked)
     r_max = bounds[0]
     d_max = bounds[1];  bounds = None
@@ -191,8 +147,8 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     truediv = sigma_b / sigma
     sub_1 = detach - view;  detach = view = None
     truediv_1 = sub_1 / sigma;  sub_1 = None
-    reciprocal = r_max.reciprocal()
-    clamp = torch.clamp(truediv, reciprocal, r_max);  reciprocal = r_max = None
+    truediv_2 = 1 / r_max
+    clamp = torch.clamp(truediv, truediv_2, r_max);  truediv_2 = r_max = None
     r = renorm_fx_ops_stop_gradient(clamp);  clamp = None
     neg = -d_max
     clamp_1 = torch.clamp(truediv_1, neg, d_max);  neg = d_max = None
@@ -220,22 +176,11 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     batch_mean = mean_2.flatten();  mean_2 = None
     detach_3 = mean_1.detach();  mean_1 = None
     mean_3 = detach_3.mean([0, 1, 3]);  detach_3 = None
-    batch_var = mean_3.flatten();  mean_3 = batch_var = None
+    batch_var = mean_3.flatten();  mean_3 = None
     mean_4 = sigma_b.mean([0, 1, 3]);  sigma_b = None
     sigma_b_1 = mean_4.flatten();  mean_4 = None
     flatten_3 = sigma.flatten();  sigma = None
-    mul_4 = running_mean * 0.9
-    mul_5 = batch_mean * 0.1;  batch_mean = None
-    add_5 = mul_4 + mul_5;  mul_4 = mul_5 = None
-    mul_6 = flatten_3 * 0.9;  flatten_3 = None
-    mul_7 = sigma_b_1 * 0.1;  sigma_b_1 = None
-    add_6 = mul_6 + mul_7;  mul_6 = mul_7 = None
-    mul_8 = add_6 * add_6;  add_6 = None
-    sub_2 = mul_8 - 1e-05;  mul_8 = None
-    clamp_min = torch.clamp_min(sub_2, 0.0);  sub_2 = None
-    copy_ = running_mean.copy_(add_5);  running_mean = add_5 = copy_ = None
-    copy__1 = running_var.copy_(clamp_min);  running_var = clamp_min = copy__1 = None
-    add__1 = num_batches_tracked.add_(1);  num_batches_tracked = add__1 = None
+    update_running_stats_ = renorm_fx_functional_update_running_stats_(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, sigma_b_1, flatten_3, 0.1, 1e-05, 'sigma', None, False);  running_mean = running_var = num_batches_tracked = batch_mean = batch_var = sigma_b_1 = flatten_3 = None
     mean_5 = r.mean([0, 1, 3])
     flatten_4 = mean_5.flatten();  mean_5 = None
     mean_6 = d.mean([0, 1, 3]);  d = None
@@ -244,10 +189,7 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     to_1 = clipped.to(getattr_3);  clipped = getattr_3 = None
     mean_7 = to_1.mean([0, 1, 3]);  to_1 = None
     flatten_6 = mean_7.flatten();  mean_7 = None
-    getattr_4 = flatten_4.dtype
-    to_2 = flatten_6.to(getattr_4);  flatten_6 = getattr_4 = None
-    stack = torch.stack([flatten_4, flatten_5, to_2]);  flatten_4 = flatten_5 = to_2 = None
-    copy__2 = renorm_diagnostics.copy_(stack);  renorm_diagnostics = stack = copy__2 = None
+    record_diagnostics_ = renorm_fx_functional_record_diagnostics_(renorm_diagnostics, renorm_nonfinite, flatten_4, flatten_5, flatten_6, update_running_stats_);  renorm_diagnostics = renorm_nonfinite = flatten_4 = flatten_5 = flatten_6 = update_running_stats_ = record_diagnostics_ = None
     return to""")
 
     def test_functional_batch_norm(self):
@@ -273,8 +215,8 @@ def forward(self, x):
     truediv = sigma_b / sigma
     sub = batch_mean - running_mean
     truediv_1 = sub / sigma;  sub = None
-    reciprocal = r_max.reciprocal()
-    clamp = torch.clamp(truediv, reciprocal, r_max);  reciprocal = r_max = None
+    truediv_2 = 1 / r_max
+    clamp = torch.clamp(truediv, truediv_2, r_max);  truediv_2 = r_max = None
     r = renorm_fx_ops_stop_gradient(clamp);  clamp = None
     neg = -d_max
     clamp_1 = torch.clamp(truediv_1, neg, d_max);  neg = d_max = None
@@ -282,36 +224,9 @@ def forward(self, x):
     ne = r != truediv;  truediv = None
     ne_1 = d != truediv_1;  truediv_1 = None
     clipped = ne | ne_1;  ne = ne_1 = None
-    scale = weight * r
-    mul_1 = weight * d;  weight = None
-    shift = mul_1 + bias;  mul_1 = bias = None
-    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_mean, batch_var, scale, shift, 1e-05);  x = scale = shift = None
-    mul_2 = running_mean * 0.9
-    mul_3 = batch_mean * 0.1
-    add_3 = mul_2 + mul_3;  mul_2 = mul_3 = None
-    mul_4 = sigma * 0.9;  sigma = None
-    mul_5 = sigma_b * 0.1;  sigma_b = None
-    add_4 = mul_4 + mul_5;  mul_4 = mul_5 = None
-    mul_6 = add_4 * add_4;  add_4 = None
-    sub_1 = mul_6 - 1e-05;  mul_6 = None
-    clamp_min = torch.clamp_min(sub_1, 0.0);  sub_1 = None
-    isfinite = torch.isfinite(batch_mean);  batch_mean = None
-    all_1 = isfinite.all();  isfinite = None
-    isfinite_1 = torch.isfinite(batch_var);  batch_var = None
-    all_2 = isfinite_1.all();  isfinite_1 = None
-    finite = all_1 & all_2;  all_1 = all_2 = None
-    where = torch.where(finite, add_3, running_mean);  add_3 = None
-    copy_ = running_mean.copy_(where);  running_mean = where = copy_ = None
-    where_1 = torch.where(finite, clamp_min, running_var);  clamp_min = None
-    copy__1 = running_var.copy_(where_1);  running_var = where_1 = copy__1 = None
-    add_ = renorm_step.add_(finite);  renorm_step = add_ = None
-    getattr_1 = r.dtype
-    to = clipped.to(getattr_1);  clipped = getattr_1 = None
-    stack = torch.stack([r, d, to]);  r = d = to = None
-    where_2 = torch.where(finite, stack, renorm_diagnostics);  stack = None
-    copy__2 = renorm_diagnostics.copy_(where_2);  renorm_diagnostics = where_2 = copy__2 = None
-    invert = ~finite;  finite = None
-    add__1 = renorm_nonfinite.add_(invert);  renorm_nonfinite = invert = add__1 = None
+    batch_norm_with_stats = renorm_fx_functional_batch_norm_with_stats(x, batch_mean, batch_var, weight, bias, r, d, 1e-05);  x = weight = bias = None
+    update_running_stats_ = renorm_fx_functional_update_running_stats_(running_mean, running_var, renorm_step, batch_mean, batch_var, sigma_b, sigma, 0.1, 1e-05, 'sigma', None, True);  running_mean = running_var = renorm_step = batch_mean = batch_var = sigma_b = sigma = None
+    record_diagnostics_ = renorm_fx_functional_record_diagnostics_(renorm_diagnostics, renorm_nonfinite, r, d, clipped, update_running_stats_);  renorm_diagnostics = renorm_nonfinite = r = d = clipped = update_running_stats_ = record_diagnostics_ = None
     return batch_norm_with_stats""")
 
 

@@ -27,16 +27,18 @@ def test_paper_values():
                                                   sympy.sqrt(step) / 10)])
 def test_tensor_evaluation_matches_sympy(sched):
     for at in [0, 1, 6, 7, 10, 20, 25, 5000, 12345, 25000, 40000, 99999]:
-        r, d = sched(torch.tensor(at))
+        r, d = sched.tensor_bounds(torch.tensor(at))  # what graphs compute
         assert r.dtype == torch.float64 and r.dim() == 0
         assert (r.item(), d.item()) == pytest.approx(sched.at(at), rel=1e-12, abs=1e-12)
+        assert sched(torch.tensor(at)) == pytest.approx(sched.at(at), rel=1e-12, abs=1e-12)  # eager CPU: floats
 
 
 def test_constant_inf_means_no_clip():
     s = RenormSchedule.constant(math.inf, math.inf)
     assert s.at(3) == (math.inf, math.inf)
-    r, d = s(torch.tensor(3))
+    r, d = s.tensor_bounds(torch.tensor(3))
     assert math.isinf(r.item()) and math.isinf(d.item())
+    assert s(torch.tensor(3)) == (math.inf, math.inf)
     assert (1 / r).item() == 0.0
 
 

@@ -259,7 +259,7 @@ def test_switch_preset():
     assert s.at(100_000) == (3.0, 5.0)
     assert s.at(10**7) == (3.0, 5.0)
     steps = torch.tensor([99_999, 100_000, 100_001])
-    r, d = zip(*(s(t) for t in steps))
+    r, d = zip(*(s.tensor_bounds(t) for t in steps))
     assert [float(v) for v in r] == [1.0, 3.0, 3.0] and [float(v) for v in d] == [0.0, 5.0, 5.0]
     assert str(s) == ("RenormSchedule(r_max(step) = Piecewise((1, step < 100000), (3, True)), "
                       "d_max(step) = Piecewise((0, step < 100000), (5, True)))")
