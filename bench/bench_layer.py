@@ -1,7 +1,8 @@
 """One normalization layer's training step: renorm vs batchnorm vs an RL-style renorm, eager and compiled.
 
     python bench/bench_layer.py [--quick] [--shapes mlp,conv,32x64,...] [--dtypes float32,bfloat16]
-                                [--json PATH] [--absolute] [--ablations]
+                                [--json PATH] [--absolute] [--ablations] [--threads 2] [--stat lq|min|median]
+    python bench/bench_layer.py --from-json PATH [--stat min] [--absolute]   # re-print a saved run
 
 A step is the layer's training forward (which updates its running statistics) and the
 backward of a fixed output gradient, with the input requiring grad (as inside a network).
@@ -30,7 +31,11 @@ and buffers stay float32. (The RL-style layer's output is float32 there: its flo
 and ``d`` promote the bfloat16 math, as in the libraries it imitates.)
 
 Table columns: eager variants as a ratio to eager batchnorm, compiled variants to compiled
-batchnorm (lower is better, 1.00 = as fast), plus the two baselines in µs.
+batchnorm (lower is better, 1.00 = as fast), plus the two baselines in µs, and ``noise``: the
+row's largest median / lower quartile. On a shared 2-core machine two OpenMP threads stall
+whenever another process holds a core (a parallel region waits for both), so a step can take
+100x its quiet time; a noise above ~1.5 says most of that row's steps were hit. ``--threads 1``
+is the robust setting there, and ``--stat min`` shows the quiet-machine figures of a run.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rl_style_renorm import RLStyleBatchRenorm  # noqa: E402
 
+import renorm_fx  # noqa: E402
 from renorm_fx import renormify  # noqa: E402
 
 MLP_SHAPES = [(32, 64), (8, 512), (256, 256), (512, 2048), (4096, 64)]
@@ -177,9 +183,9 @@ def run_case(shape: tuple[int, ...], dtype_name: str, args: argparse.Namespace) 
     compile_s = time.perf_counter() - t0
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if args.quick:
-        res = time_interleaved(steps, warmup=2, budget_s=0.3, min_iters=8, max_iters=40)
+        res = time_interleaved(steps, warmup=2, budget_s=0.5, min_iters=20, max_iters=60)
     else:
-        res = time_interleaved(steps, warmup=5, budget_s=args.budget, min_iters=30, max_iters=2000)
+        res = time_interleaved(steps, warmup=5, budget_s=args.budget, min_iters=60, max_iters=2000)
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         print(f"  warning: {shape} {dtype_name}: a compiled variant recompiled while being timed", file=sys.stderr)
     return {"shape": list(shape), "dtype": dtype_name, "compile_s": compile_s, "variants": res}
@@ -207,7 +213,11 @@ def fmt_shape(shape: list[int] | tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def table(cases: list[dict], dtype_name: str, absolute: bool) -> str:
+def table(cases: list[dict], dtype_name: str, absolute: bool, stat: str = "lq") -> str:
+    """Ratios (or, ``absolute``, µs) per shape; the last column, ``noise``, is the largest
+    median / lower-quartile of the row's variants (near 1: a quiet run; above ~1.5: the
+    machine's load reached most steps, so read that row's ratios with care)."""
+    key = f"{stat}_us"
     rows = [c for c in cases if c["dtype"] == dtype_name]
     present = [k for k, _, _ in VARIANTS if any(k in c["variants"] for c in rows)]
     ratio_cols = [k for k in present if BASELINE[k]]
@@ -215,17 +225,34 @@ def table(cases: list[dict], dtype_name: str, absolute: bool) -> str:
         f"{TITLES[k]} ÷{'BNc' if BASELINE[k] == 'bn_c' else 'BN'}" for k in ratio_cols]
     if absolute:
         head = ["shape"] + [f"{TITLES[k]} µs" for k in present]
+    head.append("noise")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in rows:
         v = c["variants"]
         if absolute:
-            cells = [fmt_shape(c["shape"])] + [f"{v[k]['lq_us']:.0f}" for k in present]
+            cells = [fmt_shape(c["shape"])] + [f"{v[k][key]:.0f}" for k in present]
         else:
-            bn, bnc = v["bn"]["lq_us"], v["bn_c"]["lq_us"]
+            bn, bnc = v["bn"][key], v["bn_c"][key]
             cells = [fmt_shape(c["shape"]), f"{bn:.0f}", f"{bnc:.0f}", f"{bnc / bn:.2f}"]
-            cells += [f"{v[k]['lq_us'] / v[BASELINE[k]]['lq_us']:.2f}" for k in ratio_cols]
+            cells += [f"{v[k][key] / v[BASELINE[k]][key]:.2f}" for k in ratio_cols]
+        cells.append(f"{max(r['median_us'] / r['lq_us'] for r in v.values()):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+STAT_NAMES = {"lq": "lower quartile", "min": "minimum", "median": "median"}
+
+
+def print_tables(cases: list[dict], dtypes: list[str], absolute: bool, stat: str) -> None:
+    for d in dtypes:
+        if not any(c["dtype"] == d for c in cases):
+            continue
+        label = "float32" if d == "float32" else f"{d} input, torch.autocast('cpu', dtype=torch.{d})"
+        print(f"### {label}: eager ÷ eager BN, compiled ÷ compiled BN ({STAT_NAMES[stat]})\n")
+        print(table(cases, d, absolute=False, stat=stat) + "\n")
+        if absolute:
+            print(f"### {label}: µs per step ({STAT_NAMES[stat]})\n")
+            print(table(cases, d, absolute=True, stat=stat) + "\n")
 
 
 def main() -> None:
@@ -238,9 +265,20 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per case (default 4)")
     parser.add_argument("--ablations", action="store_true", help="add renormify with nonfinite_guard=False")
     parser.add_argument("--absolute", action="store_true", help="also print every variant's µs")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--json", help="save the results to this file")
+    parser.add_argument("--stat", choices=sorted(STAT_NAMES), default="lq",
+                        help="statistic of the tables (default lq, the lower quartile; all three are in --json)")
+    parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run instead of running")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(f"{args.from_json}: {saved['meta']}\n")
+        cases = saved["cases"]
+        print_tables(cases, list(dict.fromkeys(c["dtype"] for c in cases)), args.absolute, args.stat)
+        return
+    torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
@@ -256,8 +294,9 @@ def main() -> None:
         plan += [(s, d) for s in shapes]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"load average {os.getloadavg()[0]:.2f}; lower quartile of interleaved steps (forward + backward + "
-          f"running-stat update).", flush=True)
+          f"load average {os.getloadavg()[0]:.2f}; {STAT_NAMES[args.stat]} of interleaved steps (forward + backward + "
+          f"running-stat update).\nrenorm_fx {renorm_fx.__version__} from {os.path.dirname(renorm_fx.__file__)}",
+          flush=True)
     cases = []
     t_start = time.perf_counter()
     for shape, d in plan:
@@ -267,23 +306,23 @@ def main() -> None:
         n = next(iter(case["variants"].values()))["iters"]
         print(f"  {d} {fmt_shape(shape)}: compile+first step {case['compile_s']:.1f}s, {n} rounds, "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
+        if args.json:  # saved as it goes: a long run that is stopped keeps its finished cases
+            save(args, cases, partial=True)
     print(f"total {time.perf_counter() - t_start:.0f}s, load average {os.getloadavg()[0]:.2f}\n")
-    for d in dtypes:
-        if not any(c["dtype"] == d for c in cases):
-            continue
-        label = "float32" if d == "float32" else f"{d} input, torch.autocast('cpu', dtype=torch.{d})"
-        print(f"### {label}: eager ÷ eager BN, compiled ÷ compiled BN (lower quartile)\n")
-        print(table(cases, d, absolute=False) + "\n")
-        if args.absolute:
-            print(f"### {label}: µs per step (lower quartile)\n")
-            print(table(cases, d, absolute=True) + "\n")
+    print_tables(cases, dtypes, args.absolute, args.stat)
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
-                "statistic": "lower quartile of interleaved per-step times", "load_average_end": os.getloadavg()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "cases": cases}, f, indent=1)
+        save(args, cases, partial=False)
         print(f"saved {args.json}")
+
+
+def save(args: argparse.Namespace, cases: list[dict], partial: bool) -> None:
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
+            "argv": sys.argv[1:], "renorm_fx": os.path.dirname(renorm_fx.__file__), "partial": partial,
+            "statistics": "lq_us / median_us / min_us of interleaved per-step times",
+            "load_average": os.getloadavg()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "cases": cases}, f, indent=1)
 
 
 if __name__ == "__main__":

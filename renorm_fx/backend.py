@@ -29,6 +29,7 @@ from torch import fx
 from .config import RenormConfig
 from .distributed import RenormSync
 from .errors import RenormCompileError
+from .passes.matching import free_name
 from .passes.renorm_pass import PassOptions, SiteBinding, rewrite_batch_norms
 
 __all__ = ["renorm_backend", "rewrite_captured_graph"]
@@ -37,12 +38,6 @@ CALLER = 'torch.compile(backend="renorm")'
 _SCHEDULE = "renorm_schedule"
 _SYNC = "renorm_sync"
 _LIFTED = re.compile(r"^l_(?:self_)?(?:modules_)?(.*?)_buffers_running_mean_$")
-
-
-def _free_name(gm: fx.GraphModule, name: str) -> str:
-    while hasattr(gm, name):
-        name = "_" + name
-    return name
 
 
 def _layer_name(mean: Any, node: fx.Node) -> str:
@@ -84,11 +79,11 @@ class _DynamoBinder:
 def rewrite_captured_graph(gm: fx.GraphModule, config: Optional[RenormConfig] = None) -> list[str]:
     """Rewrite the training-mode batch-norms of a Dynamo graph into renorm, in place; the converted layers' names."""
     config = config or RenormConfig()
-    schedule = _free_name(gm, _SCHEDULE)
+    schedule = free_name(gm, _SCHEDULE)
     gm.add_module(schedule, config.schedule)
     sync = ""
     if config.sync:
-        sync = _free_name(gm, _SYNC)
+        sync = free_name(gm, _SYNC)
         gm.add_module(sync, RenormSync(config.process_group))
     options = PassOptions(schedule, config.momentum, config.running_stats, config.nonfinite_guard,
                           config.virtual_batch_size, caller=CALLER)

@@ -9,8 +9,6 @@ schedule that changes every step therefore never recompiles a compiled graph.
 from __future__ import annotations
 
 import math
-import operator
-from functools import reduce
 from typing import Callable, Union
 
 import sympy
@@ -42,53 +40,62 @@ def _sympify(name: str, value: _Expr) -> sympy.Expr:
     return expr
 
 
-def _compile(expr: sympy.Expr) -> _Fn:
-    """Turn a sympy expression of ``step`` into a function of a float64 step tensor.
-
-    Built once, so that the function Dynamo traces is plain tensor arithmetic.
-    """
+def _source(expr: sympy.Expr) -> str:
+    """Python source computing ``expr`` from ``s``, a float64 step tensor (constants inline)."""
+    if not expr.free_symbols:
+        return repr(float(expr)) if float(expr) not in (math.inf, -math.inf) else f"{'-' if expr < 0 else ''}math.inf"
     if expr == step:
-        return lambda s: s
-    if expr.is_Number or expr in (sympy.oo, -sympy.oo):
-        value = float(expr)
-        return lambda s: value
+        return "s"
     if isinstance(expr, sympy.Piecewise):
-        pieces = [(_compile(e), _compile(c) if c is not sympy.true else None) for e, c in expr.args]
-
-        def piecewise(s: Tensor) -> Tensor:
-            out = torch.full_like(s, math.nan)
-            for value, cond in reversed(pieces):
-                v = torch.as_tensor(value(s), dtype=s.dtype, device=s.device)
-                out = v if cond is None else torch.where(cond(s), v, out)
-            return out
-
-        return piecewise
-    args = [_compile(a) for a in expr.args]
+        body = "s.new_full((), math.nan)"
+        for value, cond in reversed(expr.args):
+            v = _tensor_source(value)
+            body = v if cond is sympy.true else f"torch.where({_source(cond)}, {v}, {body})"
+        return body
+    src = [_source(a) for a in expr.args]
     if isinstance(expr, sympy.Add):
-        return lambda s: reduce(operator.add, [f(s) for f in args])
+        return "(" + " + ".join(src) + ")"
     if isinstance(expr, sympy.Mul):
-        return lambda s: reduce(operator.mul, [f(s) for f in args])
+        return "(" + " * ".join(src) + ")"
     if isinstance(expr, sympy.Pow):
-        base, exp = args
-        return lambda s: base(s) ** exp(s)
+        return f"({src[0]} ** {src[1]})"
     if isinstance(expr, (sympy.Min, sympy.Max)):
-        pick = torch.minimum if isinstance(expr, sympy.Min) else torch.maximum
-
-        def min_max(s: Tensor) -> Tensor:
-            vals = [torch.as_tensor(f(s), dtype=s.dtype, device=s.device) for f in args]
-            return reduce(pick, vals)
-
-        return min_max
-    relations = {sympy.StrictLessThan: torch.lt, sympy.LessThan: torch.le,
-                 sympy.StrictGreaterThan: torch.gt, sympy.GreaterThan: torch.ge}
+        bound = [a for a in expr.args if not a.free_symbols]
+        out = [x for a, x in zip(expr.args, src) if a.free_symbols]
+        pick = "torch.minimum" if isinstance(expr, sympy.Min) else "torch.maximum"
+        body = out[0]
+        for other in out[1:]:
+            body = f"{pick}({body}, {other})"
+        if bound:  # Min(3, x) -> clamp(x, max=3.0)
+            return f"torch.clamp({body}, {'max' if isinstance(expr, sympy.Min) else 'min'}={_source(bound[0])})"
+        return body
+    relations = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+                 sympy.GreaterThan: ">="}
     if type(expr) in relations:
-        rel, (lhs, rhs) = relations[type(expr)], args
-        return lambda s: rel(torch.as_tensor(lhs(s), dtype=s.dtype, device=s.device), rhs(s))
+        return f"({src[0]} {relations[type(expr)]} {src[1]})"
     name = type(expr).__name__.lower()
-    if len(args) == 1 and hasattr(torch, name):  # exp, log, sqrt, tanh, cos, ...
-        fn, (arg,) = getattr(torch, name), args
-        return lambda s: fn(torch.as_tensor(arg(s), dtype=s.dtype, device=s.device))
+    if len(src) == 1 and hasattr(torch, name):  # exp, log, sqrt, tanh, cos, ...
+        return f"torch.{name}({_tensor_source(expr.args[0])})"
     raise NotImplementedError(f"RenormSchedule: cannot evaluate {expr} on tensors ({type(expr).__name__})")
+
+
+def _tensor_source(expr: sympy.Expr) -> str:
+    src = _source(expr)
+    return src if expr.free_symbols else f"s.new_full((), {src})"
+
+
+def _compile(expr: sympy.Expr) -> _Fn:
+    """Turn a sympy expression of ``step`` into one flat function of a float64 step tensor.
+
+    Generated source with the constants inline, so that Dynamo traces (and guards) one plain
+    function of tensor arithmetic, not a tree of closures.
+    """
+    source = f"def schedule(s):\n    return {_source(expr)}\n"
+    namespace: dict = {"torch": torch, "math": math}
+    exec(compile(source, f"<renorm schedule: {expr}>", "exec"), namespace)
+    fn = namespace["schedule"]
+    fn.source = source
+    return fn
 
 
 class RenormSchedule(nn.Module):

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import operator
 import pickle
 
 import pytest
@@ -14,7 +15,8 @@ from torch.testing import assert_close
 import renorm_fx
 from renorm_fx import FoldReport, RenormSchedule, fold, renormify
 from renorm_fx.deploy import ScaleShift, export_onnx
-from renorm_fx.passes.fold_pass import fold_weights
+from renorm_fx.fusion import fold_weights
+from renorm_fx.passes.fold_pass import fold_batch_norms
 
 import models
 
@@ -47,7 +49,8 @@ def _norm_nodes(gm: fx.GraphModule) -> list:
 
 def _check_folded(model: nn.Module, x: torch.Tensor, rtol: float = 1e-12, atol: float = 1e-12):
     model.eval()
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert isinstance(folded, fx.GraphModule) and not folded.training
     assert not report.not_folded, report
     assert _norm_nodes(folded) == [], folded.code
@@ -194,7 +197,8 @@ def test_low_precision_scale_and_shift(dtype):
     x = torch.randn(2, 6, 5, 5)
     exact = model.double()(x.double())
     model = model.to(dtype)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert set(report.not_folded) == {"bn1"}
     assert folded.bn1.scale.dtype == torch.float32  # statistics kept in float32, as batchnorm computes
     with torch.no_grad():
@@ -244,7 +248,8 @@ def test_residual_net():
 def test_pre_activation_net_scale_and_shift():
     model = _randomize(models.PreActBlock()).double().eval()
     x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {"bn2": "conv1"}
     assert set(report.not_folded) == {"bn1"} and "model input" in report.not_folded["bn1"]
     assert isinstance(folded.bn1, ScaleShift) and _norm_nodes(folded) == ["bn1"]
@@ -274,7 +279,8 @@ class TwoBranches(nn.Module):
 def test_conv_output_with_other_users():
     model = _randomize(TwoBranches()).double().eval()
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {}
     assert set(report.not_folded) == {"bn", "bn_a", "bn_b", "after_relu"}
     assert "other users" in report.not_folded["bn"] and "'conv'" in report.not_folded["bn"]
@@ -304,7 +310,8 @@ class ReusedConv(nn.Module):
 def test_conv_called_at_several_sites_is_not_folded():
     model = _randomize(ReusedConv()).double().eval()
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {}
     for bn in ("bn1", "bn2", "bn3"):
         assert "3 call sites (shared weights)" in report.not_folded[bn], report
@@ -333,7 +340,8 @@ def test_shared_functional_weights_are_not_folded():
     gm = fx.symbolic_trace(model)
     v_nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "v"]
     assert len(v_nodes) == 1 and len(v_nodes[0].users) == 2  # one get_attr node feeding two convs
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {}
     assert "2 call sites" in report.not_folded["bn1"] and "2 call sites" in report.not_folded["bn2"]
     assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
@@ -342,7 +350,8 @@ def test_shared_functional_weights_are_not_folded():
 def test_batch_norm_module_called_twice():
     model = _randomize(models.SharedBN()).double().eval()
     x = torch.randn(6, 5, dtype=torch.float64)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {"bn (call 2)": "lin"}
     assert set(report.not_folded) == {"bn"}
     assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
@@ -352,7 +361,8 @@ def test_batch_statistics_cannot_fold_and_are_reported():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).double().eval()
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {"3": "2"}
     assert "track_running_stats=False" in report.not_folded["1"]
     assert isinstance(folded.get_submodule("1"), nn.BatchNorm2d)  # kept: batch statistics
@@ -369,7 +379,8 @@ def test_linear_on_3d_input_is_guarded():
     assert_close(folded(x2), model(x2), rtol=1e-12, atol=1e-12)
     with pytest.raises(Exception, match="assuming a 2-D output"):
         folded(x3)
-    checked, report = fold(model, report=True, example_inputs=(x3,))
+    checked = fold(model, example_inputs=(x3,))
+    report = checked.fold_report
     assert "is 3-D" in report.not_folded["1"]
     assert_close(checked(x3), model(x3), rtol=1e-12, atol=1e-12)
     checked2 = fold(model, example_inputs=(x2,))
@@ -380,7 +391,7 @@ def test_linear_on_3d_input_is_guarded():
 def test_report_table_and_logging(caplog):
     model = _randomize(models.PreActBlock()).eval()
     with caplog.at_level(logging.INFO, logger="renorm_fx.deploy"):
-        _, report = fold(model, report=True)
+        report = fold(model).fold_report
     assert isinstance(report, FoldReport)
     table = str(report)
     assert "bn2" in table and "folded into conv1" in table and "NOT folded" in table
@@ -410,7 +421,8 @@ def test_renormified_model_after_training():
     with pytest.raises(RuntimeError, match="training mode"):
         fold(rn)
     rn.eval()
-    folded, report = fold(rn, report=True)
+    folded = fold(rn)
+    report = folded.fold_report
     assert report.folded == {"bn": "conv", "bn_head": "fc"} and not report.not_folded
     assert _norm_nodes(folded) == []
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
@@ -427,7 +439,8 @@ def test_renormified_functional_and_nested():
     _train(rn, shape=(4, 3, 6, 6))
     outer = nn.Sequential(rn, nn.ReLU()).eval()  # a renormified part inside a plain model
     x = torch.randn(3, 3, 6, 6)
-    folded, report = fold(outer, report=True)
+    folded = fold(outer)
+    report = folded.fold_report
     assert len(report.folded) == 3 and not report.not_folded, report
     with torch.no_grad():
         want = outer(x)
@@ -470,13 +483,16 @@ def test_folded_module_copies_and_pickles():
     x = torch.randn(2, 6, 5, 5)
     for other in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
         assert_close(other(x), folded(x), rtol=0, atol=0)
-    refolded, report = fold(folded, report=True)  # idempotent
+        assert other.fold_report == folded.fold_report  # the report travels with the module
+    refolded = fold(folded)  # idempotent
+    report = refolded.fold_report
     assert report.folded == {} and _norm_nodes(refolded) == ["bn1"]
 
 
 def test_model_without_batch_norm():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
-    folded, report = fold(model, report=True)
+    folded = fold(model)
+    report = folded.fold_report
     assert report.folded == {} and report.not_folded == {} and "no batch-norm" in str(report)
     x = torch.randn(2, 3)
     assert_close(folded(x), model(x))
@@ -550,3 +566,399 @@ def test_onnx_round_trip(tmp_path):
 
 def test_helpers_are_reachable_from_the_package():
     assert renorm_fx.export_onnx is export_onnx and renorm_fx.FoldReport is FoldReport
+
+
+# ---- norm + activation subclasses (their own forward) --------------------------------------
+
+class BNAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: F.batch_norm, then dropout, then an activation."""
+
+    def __init__(self, c: int, act: type = nn.ReLU, drop: float = 0.1) -> None:
+        super().__init__(c)
+        self.drop = nn.Dropout(drop)
+        self.act = act()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or self.running_mean is None, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class BNSiLU(nn.BatchNorm2d):
+    """batchnorm's own forward, then an activation."""
+
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
+class SyncBNAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNormAct: SyncBatchNorm's forward, then an activation module."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class NormActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = BNAct2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = BNSiLU(8)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+        self.bn3 = SyncBNAct(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.head(self.bn3(self.conv3(y)).mean((2, 3)))
+
+
+def test_norm_activation_subclasses_fold_and_keep_the_activation():
+    model = _randomize(NormActNet()).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    folded, report = _check_folded(model, x)
+    assert report.folded == {"bn1": "conv1", "bn2": "conv2", "bn3": "conv3"}
+    calls = [(n.op, n.target) for n in folded.graph.nodes if n.op in ("call_module", "call_function")]
+    assert ("call_module", "bn1.drop") in calls and ("call_module", "bn1.act") in calls  # the rest stays
+    assert ("call_function", F.silu) in calls and ("call_module", "bn3.act") in calls
+    assert isinstance(folded.bn1, renorm_fx.modules.Inlined) and folded.bn1.inlined_from == "BNAct2d"
+    assert not list(folded.bn1.buffers()) and not list(folded.bn1.parameters())  # statistics folded away
+    # BNAct2d asserts its input's rank itself: no guard added; BNSiLU's check was batchnorm's, now folded
+    assert "conv1_rank_check" not in folded.code and "conv2_rank_check" in folded.code
+    assert type(model.bn1) is BNAct2d and "bn1.running_mean" in model.state_dict()  # the caller's is untouched
+
+
+def test_norm_activation_subclass_inplace_keeps_the_callers_module():
+    model = _randomize(NormActNet()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    want = model(x)
+    folded = fold(model, inplace=True)
+    assert type(model.bn1) is BNAct2d and folded.bn1.act is model.bn1.act
+    assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+
+
+class DataDependentBN(nn.BatchNorm2d):
+    def forward(self, x):
+        y = super().forward(x)
+        return y if x.sum() > 0 else -y  # Python control flow on a tensor: fx cannot trace it
+
+
+class HandWrittenBN(nn.BatchNorm2d):
+    def forward(self, x):
+        shape = (1, -1, 1, 1)
+        return (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+
+
+class HookedBNAct(BNAct2d):
+    pass
+
+
+@pytest.mark.parametrize("cls, why", [
+    (DataDependentBN, "could not trace"),
+    (HandWrittenBN, "no F.batch_norm(training=False)"),
+    (HookedBNAct, "forward hooks"),
+])
+def test_subclass_fold_cannot_follow_stays_and_is_reported(cls, why):
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), cls(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model = model.double().eval()
+    if cls is HookedBNAct:
+        model[1].register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    folded = fold(model)
+    report = folded.fold_report
+    assert report.folded == {"3": "2"}
+    assert set(report.not_folded) == {"1"} and why in report.not_folded["1"] and "kept as is" in report.not_folded["1"]
+    assert type(folded.get_submodule("1")) is cls  # left whole
+    with torch.no_grad():
+        assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- parallel branches: RepVGG / MobileOne re-parameterization -----------------------------
+
+class RepVGGBlock(nn.Module):
+    """3x3 conv + BN, 1x1 conv + BN and (same shape) an identity BN, summed, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1, norm: type = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(c_in, c_out, 3, stride, 1, groups=groups, bias=False)
+        self.bn3 = norm(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 1, stride, 0, groups=groups, bias=False)
+        self.bn1 = norm(c_out)
+        self.bn_id = norm(c_in) if c_in == c_out and stride == 1 else None
+
+    def forward(self, x):
+        y = self.bn3(self.conv3(x)) + self.bn1(self.conv1(x))
+        if self.bn_id is not None:
+            y = y + self.bn_id(x)
+        return F.relu(y)
+
+
+class MobileOneBlock(nn.Module):
+    """Several kxk conv + BN branches, a 1x1 conv + BN scale branch and an identity BN."""
+
+    def __init__(self, c: int, k: int = 3, branches: int = 3, groups: int = 1, norm: type = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, groups=groups, bias=False),
+                                                 norm(c)) for _ in range(branches))
+        self.scale = nn.Sequential(nn.Conv2d(c, c, 1, groups=groups, bias=False), norm(c))
+        self.identity = norm(c)
+        self.drop_path = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        identity = self.identity(x)
+        out = self.scale(x)
+        for branch in self.convs:
+            out += branch(x)
+        out = self.drop_path(out)
+        out += identity
+        return self.act(out)
+
+
+def _check_merged(model: nn.Module, x: torch.Tensor, convs_left: int):
+    model = _randomize(model).double().eval()
+    folded = fold(model)
+    report = folded.fold_report
+    assert not report.not_folded and not report.not_merged, report
+    assert _norm_nodes(folded) == []
+    convs = [n for n in folded.graph.nodes if n.op == "call_module" and isinstance(folded.get_submodule(n.target), nn.Conv2d)]
+    assert len(convs) == convs_left, folded.code
+    assert not [n for n in folded.graph.nodes if n.op == "call_function" and n.target in (operator.add, operator.iadd)]
+    with torch.no_grad():
+        want = model(x)
+        assert (folded(x) - want).abs().max() <= 1e-10 * want.abs().max()
+    return folded, report
+
+
+REPVGG = {
+    "identity": (dict(c_in=6, c_out=6), ["conv3", "conv1", "bn_id"]),
+    "identity_groups2": (dict(c_in=6, c_out=6, groups=2), ["conv3", "conv1", "bn_id"]),
+    "identity_depthwise": (dict(c_in=6, c_out=6, groups=6), ["conv3", "conv1", "bn_id"]),
+    "stride2": (dict(c_in=6, c_out=6, stride=2), ["conv3", "conv1"]),
+    "wider": (dict(c_in=4, c_out=8), ["conv3", "conv1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REPVGG))
+def test_repvgg_block_merges_into_one_conv(case):
+    kwargs, branches = REPVGG[case]
+    x = torch.randn(2, kwargs["c_in"], 9, 9, dtype=torch.float64)
+    folded, report = _check_merged(RepVGGBlock(**kwargs), x, convs_left=1)
+    assert report.merged == {"conv3": branches}
+    assert report.folded["bn3"] == "conv3" and report.folded["bn1"] == "conv1"
+    if "bn_id" in branches:
+        assert report.folded["bn_id"] == "conv3"  # the identity batch-norm is in the merged conv
+    assert "conv1" not in dict(folded.named_modules())  # the merged-away conv is gone
+    assert "merged: conv3 + conv1" in str(report)
+
+
+@pytest.mark.parametrize("k, groups", [(3, 1), (3, 4), (5, 1)])
+def test_mobileone_block_merges_into_one_conv(k, groups):
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    _, report = _check_merged(MobileOneBlock(8, k, groups=groups), x, convs_left=1)
+    assert report.merged == {"convs.0.0": ["scale.0", "convs.0.0", "convs.1.0", "convs.2.0", "identity"]}
+
+
+class RepNet(nn.Module):
+    """A small re-parameterizable net: RepVGG blocks (one with norm + activation layers) and MobileOne."""
+
+    def __init__(self, norm: type = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.stem = RepVGGBlock(3, 8, stride=2, norm=norm)
+        self.b1 = RepVGGBlock(8, 8, norm=norm)
+        self.b2 = MobileOneBlock(8, groups=8, norm=norm)
+        self.b3 = RepVGGBlock(8, 12, stride=2, norm=norm)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(self.b3(self.b2(self.b1(self.stem(x)))).mean((2, 3)))
+
+
+def _identity_act(c: int) -> BNAct2d:
+    return BNAct2d(c, act=nn.Identity, drop=0.0)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, _identity_act], ids=["batchnorm", "norm_act"])
+def test_rep_net_merges_every_block(norm):
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    _, report = _check_merged(RepNet(norm), x, convs_left=4)
+    assert set(report.merged) == {"stem.conv3", "b1.conv3", "b2.convs.0.0", "b3.conv3"}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+def test_even_kernels_with_same_padding_merge():
+    class Even(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 4, padding="same")
+            self.b = nn.Conv2d(4, 4, 2, padding="same")
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + x
+
+    _, report = _check_merged(Even(), torch.randn(2, 4, 7, 7, dtype=torch.float64), convs_left=1)
+    assert report.merged == {"a": ["a", "b", "x (identity)"]}
+
+
+UNMERGEABLE = {  # branch a, branch b
+    "other_user": (dict(kernel_size=3, padding=1), dict(kernel_size=1)),
+    "dilation": (dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=3, padding=1)),
+    "groups": (dict(kernel_size=3, padding=1), dict(kernel_size=1, groups=2)),
+    "odd_difference": (dict(kernel_size=3, padding=1), dict(kernel_size=2, padding="same")),
+}
+
+
+class Unmergeable(nn.Module):
+    """Two conv + BN branches on one input, summed, that cannot become one conv."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        a, b = UNMERGEABLE[case]
+        self.a, self.b = nn.Conv2d(4, 4, bias=False, **a), nn.Conv2d(4, 4, bias=False, **b)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.bn_a(self.a(x))
+        y = F.relu(a + self.bn_b(self.b(x)))
+        return y * a if self.case == "other_user" else y
+
+
+@pytest.mark.parametrize("case, why", [
+    ("other_user", "'a' has other users"),
+    ("dilation", "different dilation"),
+    ("groups", "different groups"),
+    ("odd_difference", "does not line up"),
+])
+def test_branches_that_cannot_merge_are_reported(case, why):
+    model = _randomize(Unmergeable(case)).double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    folded = fold(model)
+    report = folded.fold_report
+    assert report.folded == {"bn_a": "a", "bn_b": "b"} and not report.merged
+    assert list(report.not_merged) == ["a + b"] and why in report.not_merged["a + b"], report
+    assert "NOT merged" in str(report)
+    assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_add_into_the_shared_input_is_not_merged():
+    # fold() retraces, and torch.fx records `y += z` as `y + z`; a graph handed to the pass
+    # itself (as Dynamo's are) can hold an in-place add
+    class Alias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = x.relu()
+            return (y + self.conv(y)) * 2 + y
+
+    gm = fx.symbolic_trace(Alias().double().eval())
+    add = next(n for n in gm.graph.nodes if n.target is operator.add)
+    add.target = operator.iadd  # y += conv(y): the last read of y sees the sum
+    gm.recompile()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    want = gm(x)
+    report = fold_batch_norms(gm)
+    assert not report.merged and "in-place add" in report.not_merged["relu (identity) + conv"], report
+    assert_close(gm(x), want, rtol=0, atol=0)
+
+
+def test_identity_kernel_is_the_identity():
+    from renorm_fx.fusion import identity_kernel
+    scale = torch.randn(6, dtype=torch.float64)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    for groups in (1, 2, 6):
+        w = identity_kernel(scale, 6 // groups, (3, 3), (1, 1))
+        assert_close(F.conv2d(x, w, padding=1, groups=groups), x * scale.view(-1, 1, 1), rtol=0, atol=0)
+
+
+def _structure(report: FoldReport) -> tuple:
+    return report.folded, set(report.not_folded), report.merged, report.not_merged
+
+
+@pytest.mark.parametrize("make", [NormActNet, RepNet, lambda: RepNet(_identity_act)], ids=["norm_act", "rep", "rep_norm_act"])
+def test_renormified_models_fold_the_same(make):
+    model = _randomize(make()).double().eval()
+    plain = fold(model).fold_report
+    rn = renormify(model.train(), RenormSchedule.constant(2.0, 1.0))
+    assert any(isinstance(m, renorm_fx.RenormLayer) for m in rn.modules())
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(rn.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        rn(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * 3 + 1).square().mean().backward()
+        opt.step()
+    rn.eval()
+    folded = fold(rn)
+    assert _structure(folded.fold_report) == _structure(plain)
+    assert _norm_nodes(folded) == []
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = rn(x)
+        assert (folded(x) - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def _rep_deploy_model() -> nn.Module:
+    return _randomize(RepNet(_identity_act)).eval()
+
+
+def test_torch_export_of_merged_blocks():
+    model = _rep_deploy_model()
+    x = torch.randn(3, 3, 12, 12)
+    ep = torch.export.export(fold(model), (x,))
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in op for op in ops), ops
+    assert sum("conv2d" in op for op in ops) == 4 and not any("add" in op for op in ops), ops
+    with torch.no_grad():
+        want = model(x)
+        got = ep.module()(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch's own exporter internals
+def test_onnx_of_merged_blocks(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    pytest.importorskip("onnxscript", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
+    model = _rep_deploy_model()
+    x = torch.randn(3, 3, 12, 12)
+    path = tmp_path / "rep.onnx"
+    export_onnx(model, (x,), path, optimize=False, dynamic_batch=True)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 4 and "BatchNormalization" not in ops and "Add" not in ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (3, 5):
+        xb = torch.randn(batch, 3, 12, 12)
+        (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            want = model(xb)
+        assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_branches_whose_input_is_changed_in_place_are_not_merged():
+    class Mutating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            x = x * 1
+            a = self.a(x)
+            self.act(x)  # x changes here: b reads the relu of what a read
+            return a + self.b(x)
+
+    model = Mutating().double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    folded = fold(model)
+    assert not folded.fold_report.merged
+    assert "changed in place" in folded.fold_report.not_merged["a + b"], folded.fold_report
+    assert_close(folded(x), model(x), rtol=0, atol=0)

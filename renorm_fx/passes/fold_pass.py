@@ -1,9 +1,18 @@
 """FX pass: fold inference-mode batch-norms into the conv / linear layer before them.
 
-Matches, in a graph traced in eval mode:
+:func:`fold_batch_norms` runs three steps on a graph traced in eval mode (batch-norm modules
+kept as calls), and returns a :class:`FoldReport`:
 
-* ``call_module`` nodes whose module is a ``_BatchNorm`` (``nn.BatchNorm1d/2d/3d``,
-  subclasses, renorm layers after ``renormify``) in eval mode with running statistics;
+1. **Inline norm subclasses** with their own forward, so that their batch-norm call is
+   matched like any other (:mod:`renorm_fx.passes.inline_norms`).
+2. **Fold** (this module), below.
+3. **Merge parallel branches** of convs into one conv, RepVGG / MobileOne
+   re-parameterization (:mod:`renorm_fx.passes.merge_branches`).
+
+The fold matches
+
+* ``call_module`` nodes whose module is a plain ``_BatchNorm`` (``nn.BatchNorm1d/2d/3d``,
+  ``nn.SyncBatchNorm``, renorm layers of them) in eval mode with running statistics;
 * ``call_function`` nodes calling ``F.batch_norm`` / ``torch.batch_norm`` with
   ``training=False`` whose running statistics (and affine, if any) are ``get_attr``
   nodes.
@@ -17,34 +26,77 @@ so when its input is the output of a layer that is itself linear per output
 channel — an ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``
 module, or an ``F.conv*d`` / ``F.conv_transpose*d`` / ``F.linear`` call whose weight
 (and bias) are ``get_attr`` nodes — the map is multiplied into that layer's weight and
-added to its bias, and the normalization node disappears. The arithmetic is done in
-float64 and stored in the layer's dtype and memory format.
+added to its bias (:mod:`renorm_fx.fusion`), and the normalization node disappears.
 
 A fold must change the layer's weights, so it needs the layer's output to feed only
 the batch-norm and the weights to be used at that one call site. Where that does not
 hold (another user of the conv's output, a module or weight used at several sites,
 normalization before the conv as in pre-activation nets, a non-linearity in between, a
-model input) the batch-norm becomes one :class:`ScaleShift` — the same map, with
-``scale`` and ``shift`` as buffers — and the reason is recorded. Batch-norms that use
-batch statistics in eval mode (``track_running_stats=False``, or kept in training
-mode) are not affine maps of their input and stay as they are.
+model input) the batch-norm becomes one :class:`~renorm_fx.modules.ScaleShift` — the
+same map, with ``scale`` and ``shift`` as buffers — and the reason is recorded.
+Batch-norms that use batch statistics in eval mode (``track_running_stats=False``, or
+kept in training mode) are not affine maps of their input and stay as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
-from .matching import BATCH_NORM_FUNCTIONS, bind_batch_norm, expected_ranks, stats_owner
+from ..fusion import batch_norm_affine, fold_weights
+from ..modules import ScaleShift
+from .graph_utils import (MODULE_LAYERS, attr_tensor, call_sites, known_shape, layer_class, not_plain,
+                          rank_checks, tensor_uses, value_users)
+from .inline_norms import inline_norm_subclasses, overrides_forward
+from .matching import BATCH_NORM_FUNCTIONS, bind_batch_norm, free_name, expected_ranks, stats_owner
+from .merge_branches import merge_parallel_convs
 
-__all__ = ["ScaleShift", "FoldResult", "fold_batch_norms", "fold_weights", "batch_norm_affine"]
+__all__ = ["FoldReport", "fold_batch_norms"]
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What :func:`renorm_fx.fold` (the pass :func:`fold_batch_norms`) did.
+
+    ``folded`` maps each folded batch-norm to the conv / linear it went into;
+    ``not_folded`` maps each other batch-norm to the reason. ``merged`` maps each conv
+    that parallel branches were merged into to the branches (convs, identity batch-norms),
+    ``not_merged`` each set of branches that could not merge (``"a + b"``) to the reason.
+    Names are the model's qualified names (a module's later call sites are
+    ``"name (call 2)"``, ...).
+    """
+
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    not_folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    merged: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    not_merged: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [(bn, "folded into " + conv) for bn, conv in self.folded.items()]
+        rows += [(bn, "NOT folded: " + why) for bn, why in self.not_folded.items()]
+        merges = [(conv, "merged: " + " + ".join(branches)) for conv, branches in self.merged.items()]
+        merges += [(branches, "NOT merged: " + why) for branches, why in self.not_merged.items()]
+        if not rows and not merges:
+            return "fold: no batch-norm found"
+        head = f"fold: {len(self.folded)} folded, {len(self.not_folded)} not folded"
+        if merges:
+            head += f"; {len(self.merged)} branch blocks merged, {len(self.not_merged)} not merged"
+        lines = [head]
+        for title, table in (("batch-norm", rows), ("conv", merges)):
+            if table:
+                width = max(len(title), *(len(name) for name, _ in table))
+                lines += [f"{title:<{width}}  result", f"{'-' * width}  {'-' * 6}"]
+                lines += [f"{name:<{width}}  {what}" for name, what in table]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 # functional layers: target -> (kind, spatial rank); weight at args[1], bias at args[2]
@@ -58,96 +110,94 @@ _FUNCTIONAL_LAYERS: dict[Any, tuple[str, int]] = {
 # groups) and F.conv_transpose*d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 _GROUPS_ARG = 6
 
-_MODULE_LAYERS: dict[type, tuple[str, int]] = {
-    nn.Linear: ("linear", 0),
-    nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
-    nn.ConvTranspose1d: ("conv_transpose", 1), nn.ConvTranspose2d: ("conv_transpose", 2),
-    nn.ConvTranspose3d: ("conv_transpose", 3),
-}
 
+# ---- the pass ----------------------------------------------------------------------------
 
-class ScaleShift(nn.Module):
-    """``x * scale + shift`` per channel (dim 1): a batch-norm's inference map.
+def fold_batch_norms(gm: fx.GraphModule, *, inline_subclasses: bool = True,
+                     merge_branches: bool = True) -> FoldReport:
+    """Fold the inference batch-norms of ``gm`` into the layers before them, in place.
 
-    ``scale`` and ``shift`` are 1-D buffers, reshaped to broadcast over dim 1 of
-    inputs of any rank. Computed in the wider of the input's and the buffers'
-    dtype, returned in the input's, as batchnorm does for half-precision input.
+    Changes the folded layers' weight and bias (new ``nn.Parameter`` objects on their
+    modules, or new attributes for functional layers): pass a copy to keep the
+    original. Non-foldable batch-norms with running statistics become
+    :class:`ScaleShift` modules. Nodes with shape metadata (``tensor_meta`` from
+    ``ShapeProp``, or ``val``) are checked against it; elsewhere a fold whose channel
+    dim the batch-norm does not pin down gets a run-time rank check. Recompiles ``gm``
+    and returns what was done.
+
+    ``inline_subclasses`` / ``merge_branches``: steps 1 and 3 of the module docstring,
+    :mod:`~renorm_fx.passes.inline_norms` and :mod:`~renorm_fx.passes.merge_branches`
+    (both off: batch-norm subclasses with their own forward stay calls, sums of branches
+    stay sums).
     """
+    graph = gm.graph
+    report = FoldReport()
+    kept, inlined = inline_norm_subclasses(gm) if inline_subclasses else ({}, {})
+    uses = tensor_uses(gm)
+    scale_shifts: dict[str, str] = {}  # batch-norm module target / node name -> ScaleShift target
+    replaced: dict[fx.Node, str] = {}  # ScaleShift node -> the batch-norm it stands for
+    removed_attrs: set[str] = set()
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
+    norms: list[_Norm] = []
+    seen: dict[str, int] = {}
+    for node in graph.nodes:
+        norm = _match_norm(gm, node, kept)
+        if norm is None:
+            continue
+        seen[norm.name] = seen.get(norm.name, 0) + 1
+        if seen[norm.name] > 1:  # a module (or statistics) used at several sites
+            norm.name = f"{norm.name} (call {seen[norm.name]})"
+        norms.append(norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 2)
-        dtype = torch.promote_types(x.dtype, self.scale.dtype)
-        y = x.to(dtype) * self.scale.view(shape) + self.shift.view(shape)
-        return y.to(x.dtype)
+    for norm in norms:
+        node = norm.node
+        if norm.stats is None:
+            report.not_folded[norm.name] = norm.reason
+            continue
+        mean, var, gamma, beta, eps = norm.stats
+        scale, shift = batch_norm_affine(mean, var, gamma, beta, eps)
+        x = _norm_input(node)
+        layer, reason = (None, "its input is not a graph value") if not isinstance(x, fx.Node) \
+            else _match_layer(gm, x)
+        if layer is not None:
+            reason = _why_not(layer, norm, uses, scale.numel())
+        if layer is None or reason:
+            with graph.inserting_before(node):
+                dtype = torch.promote_types(mean.dtype, torch.float32)  # half statistics: keep float32
+                target = _scale_shift(gm, norm, scale.to(dtype), shift.to(dtype), scale_shifts, inlined.get(node))
+                new = graph.call_module(target, (x,))
+            node.replace_all_uses_with(new)
+            new.name, node.name = node.name, new.name  # the replacement keeps the batch-norm's name
+            replaced[new] = norm.name
+            report.not_folded[norm.name] = f"{reason}; replaced by x * scale + shift"
+        else:
+            _fold_into(gm, layer, scale, shift)
+            if _known_rank(layer.node) is None and norm.ranks != (_layer_rank(layer),):
+                _insert_rank_guard(graph, layer, norm)
+            node.replace_all_uses_with(layer.node)
+            report.folded[norm.name] = layer.name
+        inputs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        graph.erase_node(node)
+        for a in inputs:
+            if not a.users:
+                removed_attrs.add(a.target)
+                graph.erase_node(a)
 
-    def extra_repr(self) -> str:
-        return f"{self.scale.numel()}"
-
-
-@dataclasses.dataclass
-class FoldResult:
-    """What :func:`fold_batch_norms` did, keyed by batch-norm name (``"bn (call 2)"`` for
-    a module's later call sites)."""
-
-    folded: dict[str, str] = dataclasses.field(default_factory=dict)  # bn -> conv / linear
-    not_folded: dict[str, str] = dataclasses.field(default_factory=dict)  # bn -> reason
-
-
-def batch_norm_affine(
-    running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` in float64: the batch-norm's inference map ``x * scale + shift``."""
-    scale = torch.rsqrt(running_var.detach().double() + eps)
-    if weight is not None:
-        scale = scale * weight.detach().double()
-    shift = -running_mean.detach().double() * scale
-    if bias is not None:
-        shift = shift + bias.detach().double()
-    return scale, shift
-
-
-def fold_weights(
-    weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
-    kind: str, groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's ``(weight, bias)`` followed by ``x * scale + shift`` on its output channels.
-
-    ``kind`` is ``"conv"`` (weight ``(out, in/groups, *k)``), ``"linear"`` (``(out, in)``) or
-    ``"conv_transpose"`` (weight ``(in, out/groups, *k)``: output channel
-    ``g * (out/groups) + j`` is ``weight[g*(in/groups):(g+1)*(in/groups), j]``). Computed in
-    float64; returned in the weight's dtype and memory format (the bias's dtype, or the
-    weight's when there was no bias).
-    """
-    w = weight.detach().double().contiguous()
-    scale, shift = scale.double(), shift.double()
-    if kind == "conv_transpose":
-        in_c, per_group, *kernel = w.shape
-        if in_c % groups or per_group * groups != scale.numel():
-            raise ValueError(f"fold: transposed weight {tuple(w.shape)} with groups={groups} does not "
-                             f"have {scale.numel()} output channels")
-        ones = [1] * len(kernel)
-        w = (w.view(groups, in_c // groups, per_group, *kernel)
-             * scale.view(groups, 1, per_group, *ones)).view(weight.shape)
-    elif kind in ("conv", "linear"):
-        if w.shape[0] != scale.numel():
-            raise ValueError(f"fold: weight {tuple(w.shape)} does not have {scale.numel()} output channels")
-        w = w * scale.view(-1, *[1] * (w.dim() - 1))
-    else:
-        raise ValueError(f"fold: unknown layer kind {kind!r}")
-    b = shift if bias is None else bias.detach().double() * scale + shift
-    new_weight = torch.empty_like(weight, requires_grad=False)  # same dtype, device and strides
-    new_weight.copy_(w)
-    new_bias = b.to(device=weight.device, dtype=weight.dtype if bias is None else bias.dtype)
-    return new_weight, new_bias
+    if merge_branches:
+        merges = merge_parallel_convs(gm, replaced)
+        for bn, conv in merges.absorbed:  # the identity batch-norm is in the merged conv now
+            report.not_folded.pop(bn, None)
+            report.folded[bn] = conv
+        report.merged.update(merges.merged)
+        report.not_merged.update(merges.not_merged)
+    graph.lint()
+    _drop_unused_attrs(gm, removed_attrs)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return report
 
 
-# ---- matching ----------------------------------------------------------------------------
+# ---- step 2: matching batch-norms and the layers before them --------------------------------
 
 @dataclasses.dataclass
 class _Norm:
@@ -161,21 +211,6 @@ class _Norm:
     reason: str = ""  # why it cannot be expressed as x * scale + shift
 
 
-def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = _get(gm, node.target)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
-def _get(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _norm_input(node: fx.Node) -> Any:
     """The batch-norm's input, read now (an earlier fold may have rewired it)."""
     if node.op == "call_module":
@@ -184,7 +219,7 @@ def _norm_input(node: fx.Node) -> Any:
     return None if args is None else args["input"]
 
 
-def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
+def _match_norm(gm: fx.GraphModule, node: fx.Node, kept: dict[fx.Node, str]) -> Optional[_Norm]:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if not isinstance(module, _BatchNorm):
@@ -194,9 +229,8 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
             norm.reason = "in training mode inside an eval model: uses batch statistics, kept as batchnorm"
         elif module.running_mean is None or module.running_var is None:
             norm.reason = "track_running_stats=False: uses batch statistics in eval mode, kept as batchnorm"
-        elif getattr(type(module), "_renorm_base", type(module)).forward not in (_BatchNorm.forward,
-                                                                                nn.SyncBatchNorm.forward):
-            norm.reason = f"{type(module).__name__} overrides forward: not a plain batchnorm, kept as is"
+        elif overrides_forward(module):
+            norm.reason = kept.get(node, f"{type(module).__name__} overrides forward: not a plain batchnorm, kept as is")
         else:
             norm.stats = (module.running_mean, module.running_var, module.weight, module.bias, float(module.eps))
         return norm
@@ -205,9 +239,9 @@ def _match_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_Norm]:
         if a is None:
             return None
         name = stats_owner(a["running_mean"]) or node.name
-        norm = _Norm(node, name, None, ())
-        mean, var = _attr(gm, a["running_mean"]), _attr(gm, a["running_var"])
-        weight, bias = _attr(gm, a["weight"]), _attr(gm, a["bias"])
+        norm = _Norm(node, name, None, _asserted_rank(a["input"]))
+        mean, var = attr_tensor(gm, a["running_mean"]), attr_tensor(gm, a["running_var"])
+        weight, bias = attr_tensor(gm, a["weight"]), attr_tensor(gm, a["bias"])
         if a["training"] is not False:
             norm.reason = "called with training=True (or a traced flag): uses batch statistics, kept as batchnorm"
         elif a["running_mean"] is None or a["running_var"] is None:
@@ -242,17 +276,14 @@ def _match_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[_Layer], s
         return None, f"its input {node.name!r} is a model input, not a conv / linear output"
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        base = next((t for t in _MODULE_LAYERS if isinstance(module, t)), None)
+        base = layer_class(module)
         if base is None:
             return None, (f"its input comes from {type(module).__name__} {node.target!r}, "
                           f"not a conv / linear layer")
-        if parametrize.is_parametrized(module) or type(module).forward is not base.forward or (
-                hasattr(base, "_conv_forward") and type(module)._conv_forward is not base._conv_forward):
-            return None, f"{node.target!r} ({type(module).__name__}) computes its output in its own way"
-        kind, spatial = _MODULE_LAYERS[base]
-        if not isinstance(module.weight, torch.Tensor) or module.weight.is_meta or isinstance(
-                module.weight, nn.parameter.UninitializedParameter):
-            return None, f"{node.target!r} has no materialized weight"
+        reason = not_plain(module, base, node.target)
+        if reason:
+            return None, reason
+        kind, spatial = MODULE_LAYERS[base]
         groups = getattr(module, "groups", 1)
         out = module.out_features if kind == "linear" else module.out_channels
         return _Layer(node, node.target, kind, spatial, groups, out, module.weight, module.bias, module), ""
@@ -261,8 +292,8 @@ def _match_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[_Layer], s
         args = list(node.args)
         weight_node = args[1] if len(args) > 1 else node.kwargs.get("weight")
         bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
-        weight = _attr(gm, weight_node)
-        bias = _attr(gm, bias_node)
+        weight = attr_tensor(gm, weight_node)
+        bias = attr_tensor(gm, bias_node)
         if weight is None or (bias_node is not None and bias is None):
             return None, f"{node.name!r} takes its weight / bias from the graph, not from attributes"
         groups = 1
@@ -277,99 +308,18 @@ def _match_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[_Layer], s
     return None, f"its input comes from {node.op} {what!r} ({node.name}), not a conv / linear layer"
 
 
-def _tensor_uses(gm: fx.GraphModule) -> dict[int, int]:
-    """How many call sites use each parameter / buffer (by identity): each call of a module
-    using it, and each user of a ``get_attr`` node reading it."""
-    uses: dict[int, int] = {}
-    for node in gm.graph.nodes:
-        tensors: Sequence[torch.Tensor] = ()
-        count = 1
-        if node.op == "call_module":
-            tensors = [t for _, t in gm.get_submodule(node.target).named_parameters(remove_duplicate=False)]
-        elif node.op == "get_attr":
-            value = _attr(gm, node)
-            tensors = [value] if value is not None else []
-            count = max(1, len(node.users))
-        for t in {id(t): t for t in tensors}.values():
-            uses[id(t)] = uses.get(id(t), 0) + count
-    return uses
-
-
-# ---- the pass ----------------------------------------------------------------------------
-
-def fold_batch_norms(gm: fx.GraphModule) -> FoldResult:
-    """Fold the inference batch-norms of ``gm`` into the layers before them, in place.
-
-    Changes the folded layers' weight and bias (new ``nn.Parameter`` objects on their
-    modules, or new attributes for functional layers): pass a copy to keep the
-    original. Non-foldable batch-norms with running statistics become
-    :class:`ScaleShift` modules. Nodes with shape metadata (``tensor_meta`` from
-    ``ShapeProp``, or ``val``) are checked against it; elsewhere a fold whose channel
-    dim the batch-norm does not pin down gets a run-time rank check. Recompiles ``gm``
-    and returns what was done.
-    """
-    graph = gm.graph
-    result = FoldResult()
-    uses = _tensor_uses(gm)
-    scale_shifts: dict[str, str] = {}  # batch-norm module target / node name -> ScaleShift target
-    removed_attrs: set[str] = set()
-
-    norms: list[_Norm] = []
-    seen: dict[str, int] = {}
-    for node in graph.nodes:
-        norm = _match_norm(gm, node)
-        if norm is None:
-            continue
-        seen[norm.name] = seen.get(norm.name, 0) + 1
-        if seen[norm.name] > 1:  # a module (or statistics) used at several sites
-            norm.name = f"{norm.name} (call {seen[norm.name]})"
-        norms.append(norm)
-
-    for norm in norms:
-        node = norm.node
-        if norm.stats is None:
-            result.not_folded[norm.name] = norm.reason
-            continue
-        mean, var, gamma, beta, eps = norm.stats
-        scale, shift = batch_norm_affine(mean, var, gamma, beta, eps)
-        x = _norm_input(node)
-        layer, reason = (None, "its input is not a graph value") if not isinstance(x, fx.Node) \
-            else _match_layer(gm, x)
-        if layer is not None:
-            reason = _why_not(layer, norm, uses, scale.numel())
-        if layer is None or reason:
-            with graph.inserting_before(node):
-                dtype = torch.promote_types(mean.dtype, torch.float32)  # half statistics: keep float32
-                new = graph.call_module(_scale_shift(gm, norm, scale.to(dtype), shift.to(dtype), scale_shifts), (x,))
-            node.replace_all_uses_with(new)
-            new.name, node.name = node.name, new.name  # the replacement keeps the batch-norm's name
-            result.not_folded[norm.name] = f"{reason}; replaced by x * scale + shift"
-        else:
-            _fold_into(gm, layer, scale, shift)
-            if _known_rank(layer.node) is None and norm.ranks != (_layer_rank(layer),):
-                _insert_rank_guard(graph, layer, norm)
-            node.replace_all_uses_with(layer.node)
-            result.folded[norm.name] = layer.name
-        inputs = [a for a in node.all_input_nodes if a.op == "get_attr"]
-        graph.erase_node(node)
-        for a in inputs:
-            if not a.users:
-                removed_attrs.add(a.target)
-                graph.erase_node(a)
-
-    graph.lint()
-    _drop_unused_attrs(gm, removed_attrs)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return result
+def _asserted_rank(x: Any) -> tuple[int, ...]:
+    """``(k,)`` if the graph asserts ``x.ndim == k`` (``torch._assert``, as timm's norm layers), else ()."""
+    ranks = {k for _, _, k in rank_checks(x)} if isinstance(x, fx.Node) else set()
+    return tuple(ranks) if len(ranks) == 1 else ()
 
 
 def _why_not(layer: _Layer, norm: _Norm, uses: dict[int, int], channels: int) -> str:
-    others = [u.name for u in layer.node.users if u is not norm.node]
+    others = [u.name for u in value_users(layer.node) if u is not norm.node]
     if others:
         return (f"the output of {layer.name!r} has other users besides the batch-norm "
                 f"({', '.join(others)}): folding would change them too")
-    sites = max(uses.get(id(layer.weight), 1), uses.get(id(layer.bias), 1) if layer.bias is not None else 1)
+    sites = call_sites(layer.weight, layer.bias, uses)
     if sites > 1:
         return f"{layer.name!r} is used at {sites} call sites (shared weights): folding would change all of them"
     if layer.out_channels != channels:
@@ -385,17 +335,16 @@ def _why_not(layer: _Layer, norm: _Norm, uses: dict[int, int], channels: int) ->
     return ""
 
 
+
 def _layer_rank(layer: _Layer) -> int:
     """The rank the layer's output has when its input is batched (channels on dim 1)."""
     return 2 if layer.kind == "linear" else layer.spatial + 2
 
 
 def _known_rank(node: fx.Node) -> Optional[int]:
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return len(meta.shape)
-    val = node.meta.get("val")
-    return val.dim() if isinstance(val, torch.Tensor) else None
+    shape = known_shape(node)
+    return None if shape is None else len(shape)
+
 
 
 def _insert_rank_guard(graph: fx.Graph, layer: _Layer, norm: _Norm) -> None:
@@ -435,10 +384,7 @@ def _fold_into(gm: fx.GraphModule, layer: _Layer, scale: torch.Tensor, shift: to
         _set_attr(gm, bias_node.target, bias, grad)
         return
     owner, _, leaf = weight_node.target.rpartition(".")
-    target, n = f"{leaf}_folded_bias", 0
-    while hasattr(gm.get_submodule(owner), target):
-        n += 1
-        target = f"{leaf}_folded_bias_{n}"
+    target = free_name(gm.get_submodule(owner), f"{leaf}_folded_bias")
     target = f"{owner}.{target}" if owner else target
     _set_attr(gm, target, bias, grad)
     with gm.graph.inserting_before(node):
@@ -461,17 +407,19 @@ def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, grad: bool) 
 
 
 def _scale_shift(gm: fx.GraphModule, norm: _Norm, scale: torch.Tensor, shift: torch.Tensor,
-                 done: dict[str, str]) -> str:
-    """The target of the :class:`ScaleShift` standing in for ``norm`` (one per batch-norm module)."""
+                 done: dict[str, str], inlined_from: Optional[str] = None) -> str:
+    """The target of the :class:`ScaleShift` standing in for ``norm`` (one per batch-norm module):
+    the module's own name, ``<module>.scale_shift`` for an inlined subclass's batch-norm call,
+    ``<node>_scale_shift`` for another functional call."""
     node = norm.node
     key = node.target if node.op == "call_module" else node.name
     if key not in done:
         if node.op == "call_module":
             target = node.target  # takes the batch-norm module's place and name
+        elif inlined_from is not None:
+            target = f"{inlined_from}.{free_name(gm.get_submodule(inlined_from), 'scale_shift')}"
         else:
-            target = f"{node.name}_scale_shift"
-            while hasattr(gm, target):
-                target = "_" + target
+            target = free_name(gm, f"{node.name}_scale_shift")
         gm.add_submodule(target, ScaleShift(scale, shift))
         done[key] = target
     return done[key]

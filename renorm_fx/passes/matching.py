@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["BATCH_NORM_FUNCTIONS", "bind_batch_norm", "expected_ranks", "stats_owner"]
+__all__ = ["BATCH_NORM_FUNCTIONS", "bind_batch_norm", "expected_ranks", "free_name", "stats_owner"]
 
 _TORCH_SIG = inspect.Signature(
     [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
@@ -47,3 +47,12 @@ def stats_owner(mean: Any) -> Optional[str]:
     if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in str(mean.target):
         return str(mean.target).rsplit(".", 1)[0]
     return None
+
+
+def free_name(module: nn.Module, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ...: the first that is not an attribute of ``module``."""
+    free, n = name, 0
+    while hasattr(module, free):
+        n += 1
+        free = f"{name}_{n}"
+    return free
