@@ -29,11 +29,15 @@ import copy
 import statistics
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BasicBlock  # noqa: E402
 
 from renorm_fx import fold, renormify
 from renorm_fx.deploy import _fold
@@ -51,21 +55,8 @@ class ConvBN(nn.Module):
         return self.bn(self.conv(x))
 
 
-class Block(nn.Module):
-    def __init__(self, c_in: int, c: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.down = None
-        if stride != 1 or c_in != c:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+Block = BasicBlock
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
 
 
 class SmallResNet(nn.Module):

@@ -19,9 +19,7 @@ variant once) and summarized by their lower quartile, since this 2-core machine 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,25 +27,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved  # noqa: E402
 from rl_style_renorm import RLStyleBatchRenorm  # noqa: E402
 
 from renorm_fx import RenormSchedule, count_updates, renormify  # noqa: E402
 
 CLIP = RenormSchedule.constant(3.0, 5.0)
-
-
-def interleaved(steps: dict[str, Callable[[], None]], iters: int, warmup: int = 3) -> dict[str, float]:
-    """Lower-quartile seconds per call of each step, the steps run round-robin."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(iters):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.quantiles(v, n=4)[0] for k, v in times.items()}
 
 
 # ---- 1. virtual batches --------------------------------------------------------------------

@@ -14,8 +14,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from renorm_fx import RenormSchedule, diagnostics, renormify  # noqa: E402
-from renorm_fx import demo  # noqa: E402
-from renorm_fx.demo_data import REGIMES, Regime, batch_stream, load_digits_split, micro_batches  # noqa: E402
+from renorm_fx import bounds, demo  # noqa: E402
+from renorm_fx.demo.data import ALL_REGIMES, REGIMES, Regime, batch_stream, load_digits_split, micro_batches  # noqa: E402
+from renorm_fx.demo.model import DigitsCNN, ghost_batches  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,20 +68,73 @@ def test_diagnostics_match_the_papers_formulas_by_hand() -> None:
 
 
 # ---- the pieces --------------------------------------------------------------------------------
-def test_schedule_is_the_papers_scaled_to_the_run_and_stretched_per_forward() -> None:
+def test_schedule_is_the_papers_scaled_to_the_run_or_the_switch() -> None:
+    # (The demo no longer stretches the schedule per forward: it counts optimizer steps, see below.)
     one = demo.make_schedule(100)
     assert one.at(10) == (1.0, 0.0)  # batchnorm through the warm-up (10 %)
     assert one.at(40)[1] == 5.0 and one.at(39)[1] < 5.0  # d_max reaches 5 at 40 %
     assert one.at(60)[0] == 3.0 and one.at(59)[0] < 3.0  # r_max reaches 3 at 60 %
-    eight = demo.make_schedule(100, forwards_per_step=8)
-    for step in (5, 10, 25, 40, 50, 60, 90):
-        assert eight.at(8 * step) == pytest.approx(one.at(step))
+    switch = demo.make_schedule(100, "switch")
+    assert switch.at(9) == (1.0, 0.0) and switch.at(10) == (3.0, 5.0) and switch.at(99) == (3.0, 5.0)
     demo.make_schedule(1)  # a tiny run still gives a valid schedule
+    demo.make_schedule(1, "switch")
+    with pytest.raises(ValueError, match="ramp"):
+        demo.make_schedule(100, "cosine")
 
 
-@pytest.mark.parametrize("name", list(REGIMES))
+@pytest.mark.parametrize("name", ["iid", "micro-4", "micro-2-acc"])
+def test_schedule_counts_optimizer_steps_however_many_forwards(name: str) -> None:
+    from renorm_fx.demo.training import ModelPool, Stopwatch, train_run
+
+    regime = ALL_REGIMES[name]
+    config = demo.DemoConfig(steps=7, regimes=(name,), methods=("renorm",), compile=False, progress=False,
+                             eval_points=1, diag_points=1)
+    pool = ModelPool(dict(config.recipes), compile=False)
+    data = load_digits_split()
+    for seed in (0, 1):  # the pooled model is reused: the count restarts at 0 per run
+        train_run(pool, "renorm", regime, seed, data, config, Stopwatch())
+        model = pool.models[pool.key("renorm", regime)].module
+        assert {int(m.num_batches_tracked) for m in model.modules() if hasattr(m, "num_batches_tracked")} == {7}
+        assert set(bounds(model).values()) == {config.recipe("renorm").schedule().at(7)}
+
+
+def test_batchnorm_virtual_batches_are_exactly_gradient_accumulation() -> None:
+    # The batchnorm baseline of the one-forward micro-batch regimes: each group through the same layer.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for k in (4, 2):
+        separate = DigitsCNN().double()
+        ghost = ghost_batches(DigitsCNN().double(), k)
+        ghost.load_state_dict(separate.state_dict())
+        torch.nn.functional.cross_entropy(ghost(x), y).backward()
+        for xs, ys in zip(x.split(k), y.split(k)):
+            (torch.nn.functional.cross_entropy(separate(xs), ys) * len(xs) / len(x)).backward()
+        for (name, a), b in zip(separate.named_parameters(), ghost.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+        for (name, a), b in zip(separate.state_dict().items(), ghost.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
+        ghost.eval(), separate.eval()
+        torch.testing.assert_close(ghost(x), separate(x))
+    with pytest.raises(ValueError, match="virtual batches of 4"):
+        ghost_batches(DigitsCNN(), 4)(torch.randn(6, 1, 8, 8))
+
+
+def test_recipe_learning_rate_schedules() -> None:
+    const = demo.Recipe(steps=10, lr=0.1)
+    assert const.lr_at(1) == const.lr_at(10) == 0.1
+    cos = demo.Recipe(steps=10, lr=0.1, lr_schedule="cosine")
+    assert cos.lr_at(1) == pytest.approx(0.1) and cos.lr_at(6) == pytest.approx(0.05) and 0 < cos.lr_at(10) < 0.003
+    with pytest.raises(ValueError, match="schedule"):
+        demo.Recipe(steps=10, lr=0.1, lr_schedule="step")
+    config = demo.parse_args(["--steps", "50", "--lr", "0.2", "--bn-momentum", "0.05", "--ramp", "switch"])
+    assert {r.steps for r in config.recipes.values()} == {50} and {r.lr for r in config.recipes.values()} == {0.2}
+    assert config.recipe("batchnorm").momentum == 0.05 and config.recipe("renorm").ramp == "switch"
+    assert config.recipe("renorm").momentum == demo.DEFAULT_RECIPES["renorm"].momentum
+
+
+@pytest.mark.parametrize("name", list(ALL_REGIMES))
 def test_batch_stream_draws_what_the_regime_says(name: str) -> None:
-    regime = REGIMES[name]
+    regime = ALL_REGIMES[name]
     labels = torch.arange(500) % 10
     stream = batch_stream(regime, labels, torch.Generator().manual_seed(0))
     for _ in range(20):
@@ -89,8 +143,11 @@ def test_batch_stream_draws_what_the_regime_says(name: str) -> None:
         if regime.classes_per_batch is not None:
             assert len(set(labels[batch].tolist())) == regime.classes_per_batch
         chunks = micro_batches(batch, regime)
-        assert len(chunks) == regime.forwards_per_step
+        assert len(chunks) == regime.groups  # was forwards_per_step: micro-batches are one forward by default now
         assert all(len(c) == regime.micro_batch for c in chunks)
+        assert regime.forwards_per_step == (regime.groups if regime.accumulate else 1)
+        assert regime.virtual_batch_size == (regime.micro_batch if regime.groups > 1 and not regime.accumulate
+                                             else None)
 
 
 def test_regime_refuses_micro_batches_batchnorm_cannot_train() -> None:
@@ -124,6 +181,8 @@ def test_parse_regimes_and_methods() -> None:
         demo.parse_methods("groupnorm")
     assert demo.parse_regimes("all") == tuple(REGIMES)
     assert demo.parse_regimes("iid, micro-2") == ("iid", "micro-2")
+    assert demo.parse_regimes("micro-2-acc") == ("micro-2-acc",)
+    assert demo.parse_args(["--accumulate", "--regimes", "iid,micro-2"]).regimes == ("iid", "micro-2", "micro-2-acc")
     with pytest.raises(Exception, match="unknown regime"):
         demo.parse_regimes("micro-3")
 
@@ -164,3 +223,12 @@ def test_demo_tiny_compiled_renorm_one_regime(tmp_path, capsys) -> None:
     # one model, compiled once: the second seed's run reuses the first seed's
     assert outcome.models == 1
     assert "compile (first training step of each graph)" in outcome.timing
+
+
+def test_demo_tiny_accumulate_prints_both_times(tmp_path, capsys) -> None:
+    assert demo.main(["--tiny", "--no-compile", "--no-progress", "--regimes", "micro-4", "--accumulate",
+                      "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    _check_outputs(tmp_path, text, ["micro-4", "micro-4-acc"])
+    lines = [line for line in text.splitlines() if "virtual batches (1 forward of 32)" in line]
+    assert len(lines) == 2 and all("gradient accumulation (8 forwards of 4)" in line for line in lines)

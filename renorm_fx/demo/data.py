@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Digits", "Regime", "REGIMES", "ASKED_REGIMES", "load_digits_split", "batch_stream", "micro_batches"]
+__all__ = ["Digits", "Regime", "REGIMES", "ACCUMULATED", "ALL_REGIMES", "ASKED_REGIMES", "load_digits_split",
+           "batch_stream", "micro_batches"]
 
 NUM_CLASSES = 10
 
@@ -54,12 +55,16 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0, validation: bo
 
 @dataclasses.dataclass(frozen=True)
 class Regime:
-    """How training batches are drawn.
+    """How training batches are drawn, and how they are normalized.
 
-    Every optimizer step sees ``batch_size`` examples. They are normalized in groups
-    of ``micro_batch`` (one forward and backward each, gradients accumulated: the
-    paper's micro-batches). ``classes_per_batch`` draws each batch from that many
-    classes only (non-i.i.d.); ``None`` is i.i.d. (shuffled epochs, last partial batch dropped).
+    Every optimizer step sees ``batch_size`` examples, normalized in groups of
+    ``micro_batch`` (the paper's micro-batches). By default the groups are virtual
+    batches of one forward of all ``batch_size`` examples (renorm: ``renormify(...,
+    virtual_batch_size=micro_batch)``; batchnorm: each group through the same batch-norm
+    layer, see :func:`renorm_fx.demo.model.ghost_batches`). With ``accumulate`` each group
+    is its own forward and backward, gradients accumulated, one optimizer step.
+    ``classes_per_batch`` draws each batch from that many classes only (non-i.i.d.);
+    ``None`` is i.i.d. (shuffled epochs, last partial batch dropped).
     """
 
     name: str
@@ -67,6 +72,7 @@ class Regime:
     batch_size: int = 32
     micro_batch: int = 32
     classes_per_batch: Optional[int] = None
+    accumulate: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch < 2 or self.batch_size % self.micro_batch:
@@ -76,18 +82,43 @@ class Regime:
             raise ValueError(f"Regime {self.name}: classes_per_batch must be in 1..{NUM_CLASSES}")
 
     @property
-    def forwards_per_step(self) -> int:
-        """Forwards (normalization steps of each layer) per optimizer step."""
+    def groups(self) -> int:
+        """Normalizations (micro-batches) per optimizer step."""
         return self.batch_size // self.micro_batch
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Forwards per optimizer step: one, or one per micro-batch with ``accumulate``."""
+        return self.groups if self.accumulate else 1
+
+    @property
+    def virtual_batch_size(self) -> Optional[int]:
+        """The size of the virtual batches of a one-forward micro-batch regime (None: the whole batch)."""
+        return self.micro_batch if self.groups > 1 and not self.accumulate else None
+
+    def accumulated(self) -> "Regime":
+        """The same micro-batches as separate forwards with gradient accumulation (``<name>-acc``)."""
+        if self.groups == 1:
+            raise ValueError(f"Regime {self.name} has no micro-batches to accumulate")
+        return dataclasses.replace(
+            self, name=f"{self.name}-acc", accumulate=True,
+            description=f"batches of {self.batch_size} as {self.groups} micro-batches of {self.micro_batch}, "
+                        f"{self.groups} forwards, gradients accumulated")
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in (
     Regime("iid", "i.i.d. batches of 32"),
-    Regime("micro-4", "batches of 32 as 8 micro-batches of 4", micro_batch=4),
-    Regime("micro-2", "batches of 32 as 16 micro-batches of 2", micro_batch=2),
+    Regime("micro-4", "batches of 32 in 8 virtual batches of 4, one forward", micro_batch=4),
+    Regime("micro-2", "batches of 32 in 16 virtual batches of 2, one forward", micro_batch=2),
     Regime("2-class", "batches of 32 from 2 classes", classes_per_batch=2),
     Regime("1-class", "batches of 32 from 1 class", classes_per_batch=1),
 )}
+
+#: The micro-batch regimes run as the paper ran them: separate forwards, gradients accumulated.
+ACCUMULATED: dict[str, Regime] = {a.name: a for a in (r.accumulated() for r in REGIMES.values() if r.groups > 1)}
+
+#: Every regime the demo knows, by name.
+ALL_REGIMES: dict[str, Regime] = {**REGIMES, **ACCUMULATED}
 
 #: The three regimes the demo was asked for; the other two are where batchnorm really breaks here.
 ASKED_REGIMES = ("iid", "micro-4", "2-class")
@@ -112,5 +143,6 @@ def batch_stream(regime: Regime, labels: Tensor, generator: torch.Generator) -> 
 
 
 def micro_batches(indices: Tensor, regime: Regime) -> tuple[Tensor, ...]:
-    """Split one batch into the regime's micro-batches (each exactly ``micro_batch`` long)."""
+    """Split one batch into the regime's micro-batches (each exactly ``micro_batch`` long): the groups
+    one normalization sees, whether they are virtual batches of one forward or forwards of their own."""
     return indices.split(regime.micro_batch)

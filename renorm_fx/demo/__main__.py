@@ -1,0 +1,7 @@
+"""``python -m renorm_fx.demo``: see :mod:`renorm_fx.demo`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
