@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -25,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
-from renorm_fx import RenormSchedule, renormify
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved  # noqa: E402
+
+from renorm_fx import RenormSchedule, renormify  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (32, 256, 14, 14), (4, 64, 112, 112)]
 SCHEDULE = RenormSchedule.constant(2.0, 1.0)  # clipping active: the general case
@@ -55,17 +59,8 @@ class PlainRenorm(nn.BatchNorm2d):
 
 
 def _median_ms(steps: dict[str, Callable[[], None]], reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median time of each step, timed round-robin so that load on the machine hits all alike."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    """Median milliseconds of each step, timed round-robin so that load on the machine hits all alike."""
+    return {k: v * 1e3 for k, v in interleaved(steps, reps, warmup, stat="median").items()}
 
 
 def _peak_bytes(fn: Callable[[], None]) -> int:

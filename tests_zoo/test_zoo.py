@@ -21,8 +21,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -38,6 +40,9 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # n
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large  # noqa: E402
 
 from renorm_fx import RenormSchedule, RenormTraceError, bounds, diagnostics, fold, renormify  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from models import scramble_stats  # noqa: E402  (the main suite's: running statistics far from any batch's)
 from renorm_fx.deploy import ScaleShift  # noqa: E402
 
 ID = RenormSchedule.constant(1, 0)  # exactly batchnorm
@@ -100,18 +105,6 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"{msg}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
     return err / scale
-
-
-def scramble_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Running statistics far from any batch's, so r and d clip on many channels."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
-                rm.copy_(torch.randn(rm.shape, generator=g, dtype=torch.float64) * 2)
-                rv.copy_(torch.rand(rv.shape, generator=g, dtype=torch.float64) * 8 + 0.05)
-    return model
 
 
 def build(name: str, dtype: torch.dtype = torch.float64) -> nn.Module:
