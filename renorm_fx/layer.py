@@ -194,15 +194,22 @@ def convert_layer(module: nn.Module, name: str, config: RenormConfig) -> list[st
     :class:`NothingToConvert` if the trace has no batch-norm call to rewrite; ``module`` is
     then unchanged.
     """
-    if isinstance(module, _BatchNorm) and config.momentum is not None:
-        module.momentum = config.momentum  # the renorm alpha is the layer's momentum
-    skipped = _build_forward(module, name, config, base=type(module))
+    old_momentum = getattr(module, "momentum", None)
+    try:
+        if isinstance(module, _BatchNorm) and config.momentum is not None:
+            module.momentum = config.momentum  # the renorm alpha is the layer's momentum (the trace reads it)
+        skipped = _build_forward(module, name, config, base=type(module))
+    except Exception:
+        if isinstance(module, _BatchNorm):
+            module.momentum = old_momentum
+        for attr in (_SCHEDULE_ATTR, _SYNC_ATTR):
+            module.__dict__.pop(attr, None)
+        raise
     module.__class__ = renorm_class(type(module))
     for site in module.renorm_sites:  # type: ignore[attr-defined]
-        owner = site.step.rpartition(".")[0]
-        mean = getattr(module.get_submodule(owner), "running_mean", None) if owner or isinstance(module, _BatchNorm) else None
-        if isinstance(mean, torch.Tensor):
-            _RENORM_STATS[id(mean)] = mean
+        stats = module.get_submodule(site.step.rpartition(".")[0])
+        if isinstance(stats, _BatchNorm) and stats.running_mean is not None:
+            _RENORM_STATS[id(stats.running_mean)] = stats.running_mean
     return skipped
 
 

@@ -323,3 +323,15 @@ def test_no_warnings_on_normal_use():
         m = renormify(Net())
         m(_x())
         m.eval()(_x())
+
+
+def test_a_layer_left_alone_is_untouched_even_inplace():
+    class Branchy(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x  # untraceable: left as batchnorm
+
+    m = nn.Sequential(Branchy(3, momentum=0.3), nn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match="'0'"):
+        renormify(m, momentum=0.05, inplace=True)
+    assert type(m[0]) is Branchy and m[0].momentum == 0.3 and not any(k.startswith("_renorm") for k in vars(m[0]))
+    assert isinstance(m[1], RenormLayer) and m[1].momentum == 0.05
