@@ -75,6 +75,7 @@ def renormify(
     if rebuilt:
         warnings.warn(f"renormify: {', '.join(map(repr, rebuilt))} held a renorm layer's statistics but are plain "
                       f"batchnorm now; converting them again. {SYNC_ORDER_HINT}", stacklevel=2)
+    _check_momentum(model, config)  # before anything is converted: never a model converted half-way
     if renorm_layers(model) and not _convertible(model):
         warnings.warn("renormify: the model is already renormified; returning it unchanged.", stacklevel=2)
         return model
@@ -110,7 +111,7 @@ def _convert_all(root: nn.Module, config: RenormConfig) -> tuple[list[str], list
             continue
         shown = name or type(module).__name__
         if isinstance(module, _BatchNorm):
-            why = _unconvertible(module, config, shown)
+            why = _unconvertible(module)
             if why:
                 problems.append((shown, why))
                 continue
@@ -132,18 +133,27 @@ def _convert_all(root: nn.Module, config: RenormConfig) -> tuple[list[str], list
     return converted, problems
 
 
-def _unconvertible(module: _BatchNorm, config: RenormConfig, name: str) -> str:
+def _unconvertible(module: _BatchNorm) -> str:
     if module.running_mean is None or module.running_var is None:
         return ("no running statistics (track_running_stats=False): nothing to renormalize against; "
                 "give it running statistics (track_running_stats=True)")
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "a lazy batch-norm with uninitialized parameters; run one forward first"
-    if module.momentum is None and config.momentum is None:
-        raise ValueError(
-            f"renormify: layer {name!r} has momentum=None (a cumulative average), which would let its running statistics "
-            "go stale for r and d. Pass renormify(model, momentum=0.01) or set the layer's momentum."
-        )
     return ""
+
+
+def _check_momentum(model: nn.Module, config: RenormConfig) -> None:
+    """Refuse ``momentum=None`` layers (cumulative averages) before anything is converted."""
+    if config.momentum is not None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and not isinstance(module, RenormLayer) and module.momentum is None \
+                and module.running_mean is not None:
+            raise ValueError(
+                f"renormify: layer {name or type(module).__name__!r} has momentum=None (a cumulative average), which "
+                f"would let its running statistics go stale for r and d. Pass renormify(model, momentum=0.01) or "
+                f"set the layer's momentum."
+            )
 
 
 def _calls_batch_norm(cls: type) -> bool:

@@ -335,3 +335,10 @@ def test_a_layer_left_alone_is_untouched_even_inplace():
         renormify(m, momentum=0.05, inplace=True)
     assert type(m[0]) is Branchy and m[0].momentum == 0.3 and not any(k.startswith("_renorm") for k in vars(m[0]))
     assert isinstance(m[1], RenormLayer) and m[1].momentum == 0.05
+
+
+def test_a_refused_model_is_not_converted_half_way():
+    m = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, momentum=None))
+    with pytest.raises(ValueError, match=r"layer '1' has momentum=None"):
+        renormify(m, inplace=True)
+    assert not any(isinstance(layer, RenormLayer) for layer in m)  # nothing converted before the refusal
