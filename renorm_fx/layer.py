@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import RenormConfig
 from .distributed import RenormSync
-from .passes.matching import expected_ranks
+from .passes.matching import expected_ranks, stats_owner
 from .passes.renorm_pass import PassOptions, RenormSite, SiteBinding, rewrite_batch_norms
 from .tracing import trace_own_forward
 
@@ -224,7 +224,8 @@ def _build_forward(module: nn.Module, name: str, config: RenormConfig, base: Opt
     options = PassOptions(_SCHEDULE_ATTR, None, config.running_stats, config.nonfinite_guard,
                           config.virtual_batch_size, count_steps=not module.__dict__.get(COUNTS_UPDATES, False))
     sites, skipped_nodes = rewrite_batch_norms(graph, options, _Binder(module, name, sync is not None))
-    skipped = [_stats_owner(name, n.args[1] if len(n.args) > 1 else n.kwargs.get("running_mean")) for n in skipped_nodes]
+    means = [n.args[1] if len(n.args) > 1 else n.kwargs.get("running_mean") for n in skipped_nodes]
+    skipped = [_qualified(name, stats_owner(mean) or "") for mean in means]
     if not sites:
         raise NothingToConvert("its forward has no training-mode batch-norm call with running statistics", skipped)
     code = graph.python_code(root_module="self")
@@ -246,10 +247,9 @@ def _sync_for(module: nn.Module, config: RenormConfig) -> Optional[RenormSync]:
     return None
 
 
-def _stats_owner(name: str, mean: Any) -> str:
-    target = mean.target if isinstance(mean, fx.Node) and mean.op == "get_attr" else ""
-    owner = target.rpartition(".")[0]
-    return ".".join(p for p in (name, owner) if p) or name
+def _qualified(name: str, owner: str) -> str:
+    """The qualified name of the statistics' ``owner`` (relative to layer ``name``; "": the layer)."""
+    return ".".join(p for p in (name, owner) if p)
 
 
 class _Binder:
@@ -266,7 +266,7 @@ class _Binder:
                 f"renormify: in {self.name!r}, {node.format_node()} normalizes with running statistics that are not "
                 f"the module's buffers; renormify needs them as buffers (register_buffer) to update them."
             )
-        owner = mean.target.rpartition(".")[0]  # "" : the module's own statistics
+        owner = stats_owner(mean) or ""  # "": the module's own statistics
         stats_module = self.module.get_submodule(owner)
         prefix = f"{owner.replace('.', '_')}_" if owner else ""
         step_target = f"{owner}.num_batches_tracked" if owner else "num_batches_tracked"
@@ -282,7 +282,7 @@ class _Binder:
             self.module.register_buffer(count, torch.zeros((), dtype=torch.long, device=running_mean.device),
                                         persistent=False)
         step = _get_attr(graph, step_target)
-        site_name = ".".join(p for p in (self.name, owner) if p)
+        site_name = _qualified(self.name, owner)
         ranks = expected_ranks(self.module) if not owner and isinstance(self.module, _BatchNorm) else ()
         return SiteBinding(
             name=site_name, step=step, step_target=step_target,

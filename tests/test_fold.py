@@ -5,6 +5,8 @@ import logging
 import operator
 import pickle
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -542,26 +544,33 @@ def test_torch_export_round_trip():
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch's own exporter internals
-def test_onnx_round_trip(tmp_path):
+def _onnx_session(model: nn.Module, x: torch.Tensor, path) -> tuple[list[str], Any]:
+    """``model`` exported (no ONNX optimizer, dynamic batch) and loaded into onnxruntime: its op types and session."""
     ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
     onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
     pytest.importorskip("onnxscript", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
-    model = _deploy_model()
-    x = torch.randn(3, 3, 8, 8)
-    path = tmp_path / "model.onnx"
     # optimize=False: no help from the ONNX optimizer, which would fuse Conv + BatchNormalization itself
     export_onnx(model, (x,), path, optimize=False, dynamic_batch=True)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert "BatchNormalization" not in ops and "Conv" in ops and "ConvTranspose" in ops, ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (3, 7):
-        xb = torch.randn(batch, 3, 8, 8)
+    return ops, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _assert_session_matches(session: Any, model: nn.Module, shapes, tol: float) -> None:
+    for shape in shapes:
+        xb = torch.randn(shape)
         (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
         with torch.no_grad():
             want = model(xb)
         assert got.shape == tuple(want.shape)
-        assert (torch.from_numpy(got) - want).abs().max() <= 1e-4 * want.abs().max()
+        assert (torch.from_numpy(got) - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch's own exporter internals
+def test_onnx_round_trip(tmp_path):
+    model = _deploy_model()
+    ops, session = _onnx_session(model, torch.randn(3, 3, 8, 8), tmp_path / "model.onnx")
+    assert "BatchNormalization" not in ops and "Conv" in ops and "ConvTranspose" in ops, ops
+    _assert_session_matches(session, model, [(3, 3, 8, 8), (7, 3, 8, 8)], 1e-4)
 
 
 def test_helpers_are_reachable_from_the_package():
@@ -925,22 +934,10 @@ def test_torch_export_of_merged_blocks():
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch's own exporter internals
 def test_onnx_of_merged_blocks(tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
-    onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
-    pytest.importorskip("onnxscript", reason="the deploy extra (pip install 'renorm-fx[deploy]') is absent")
     model = _rep_deploy_model()
-    x = torch.randn(3, 3, 12, 12)
-    path = tmp_path / "rep.onnx"
-    export_onnx(model, (x,), path, optimize=False, dynamic_batch=True)
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    ops, session = _onnx_session(model, torch.randn(3, 3, 12, 12), tmp_path / "rep.onnx")
     assert ops.count("Conv") == 4 and "BatchNormalization" not in ops and "Add" not in ops, ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (3, 5):
-        xb = torch.randn(batch, 3, 12, 12)
-        (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
-        with torch.no_grad():
-            want = model(xb)
-        assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
+    _assert_session_matches(session, model, [(3, 3, 12, 12), (5, 3, 12, 12)], 1e-5)
 
 
 def test_branches_whose_input_is_changed_in_place_are_not_merged():
